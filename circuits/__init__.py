@@ -1,0 +1,1 @@
+"""Attribution graphs: the replacement model, attribution, pruning, queries and interventions."""

@@ -1,0 +1,131 @@
+"""The Gemma 3 family: sizes, layer counts, widths, hub ids, Gemma Scope 2 repositories and hook sites.
+
+Code that needs to know anything about a model size looks it up here; nothing else matches on
+repository names. A model loaded from a directory or hub id is matched to its entry by its config
+(layer count and d_model), never by its name.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+Variant = Literal["pt", "it"]
+
+
+@dataclass(frozen=True)
+class HookSites:
+    """Where a transcoder reads and writes, as module names inside one decoder layer.
+
+    Gemma Scope 2 convention: the transcoder input is the output of ``pre_feedforward_layernorm``
+    (what the MLP reads), the transcoder output is the output of ``post_feedforward_layernorm``
+    (what is added to the residual stream).
+    """
+
+    mlp_input: str = "pre_feedforward_layernorm"
+    mlp_output: str = "post_feedforward_layernorm"
+
+
+@dataclass(frozen=True)
+class ModelSize:
+    """One size of the family. ``multimodal`` sizes load as image-text models whose text stack sits
+    under ``model.language_model``; the others load as causal LMs with the stack under ``model``."""
+
+    size: str
+    n_layers: int
+    d_model: int
+    d_mlp: int
+    multimodal: bool
+    hub_ids: dict[str, str]
+
+    def hub_id(self, variant: Variant) -> str:
+        return self.hub_ids[variant]
+
+    def gemma_scope_repo(self, variant: Variant) -> str:
+        return f"google/gemma-scope-2-{self.size}-{variant}"
+
+    def name(self, variant: Variant) -> str:
+        """Canonical short name, e.g. ``gemma-3-270m`` (pt) or ``gemma-3-1b-it``."""
+        return f"gemma-3-{self.size}" + ("" if variant == "pt" else f"-{variant}")
+
+
+@dataclass(frozen=True)
+class ModelFamily:
+    name: str
+    sizes: tuple[ModelSize, ...]
+    hook_sites: HookSites
+    # Attribute paths from the loaded top-level model to the text decoder stack, tried in order.
+    text_stack_paths: tuple[str, ...]
+
+
+GEMMA3 = ModelFamily(
+    name="gemma-3",
+    sizes=(
+        ModelSize("270m", 18, 640, 2048, False,
+                  {"pt": "google/gemma-3-270m", "it": "google/gemma-3-270m-it"}),
+        ModelSize("1b", 26, 1152, 6912, False,
+                  {"pt": "google/gemma-3-1b-pt", "it": "google/gemma-3-1b-it"}),
+        ModelSize("4b", 34, 2560, 10240, True,
+                  {"pt": "google/gemma-3-4b-pt", "it": "google/gemma-3-4b-it"}),
+        ModelSize("12b", 48, 3840, 15360, True,
+                  {"pt": "google/gemma-3-12b-pt", "it": "google/gemma-3-12b-it"}),
+        ModelSize("27b", 62, 5376, 21504, True,
+                  {"pt": "google/gemma-3-27b-pt", "it": "google/gemma-3-27b-it"}),
+    ),
+    hook_sites=HookSites(),
+    text_stack_paths=("model.language_model", "model"),
+)
+
+FAMILIES: tuple[ModelFamily, ...] = (GEMMA3,)
+
+DEFAULT_MODEL = "gemma-3-270m"
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    """A (size, variant) pair of a family: what a short name such as ``gemma-3-1b-it`` names."""
+
+    family: ModelFamily
+    size: ModelSize
+    variant: Variant
+
+    @property
+    def name(self) -> str:
+        return self.size.name(self.variant)
+
+    @property
+    def hub_id(self) -> str:
+        return self.size.hub_id(self.variant)
+
+    @property
+    def gemma_scope_repo(self) -> str:
+        return self.size.gemma_scope_repo(self.variant)
+
+
+def all_entries() -> list[ModelEntry]:
+    return [ModelEntry(f, s, v) for f in FAMILIES for s in f.sizes for v in ("pt", "it")]
+
+
+def lookup(name: str) -> ModelEntry | None:
+    """The entry a short name (``gemma-3-270m``, ``gemma-3-1b-pt``, ``gemma-3-4b-it``) or an official hub id
+    names, or None. ``-pt`` may be written or left out."""
+    for entry in all_entries():
+        aliases = {entry.name, entry.hub_id, entry.hub_id.split("/")[-1]}
+        if entry.variant == "pt":
+            aliases.add(f"{entry.family.name}-{entry.size.size}-pt")
+        if name in aliases:
+            return entry
+    return None
+
+
+def match_config(n_layers: int, d_model: int) -> ModelSize | None:
+    """The family size whose shape a loaded model's config has, or None for a custom model."""
+    for family in FAMILIES:
+        for size in family.sizes:
+            if (size.n_layers, size.d_model) == (n_layers, d_model):
+                return size
+    return None
+
+
+def known_names() -> list[str]:
+    return [e.name for e in all_entries()]

@@ -1,0 +1,1 @@
+"""Rendering of attribution graphs (SVG through graphviz, interactive HTML)."""
