@@ -123,5 +123,65 @@ def dictionaries_convert(src: str, dst: str, from_format: str, force: bool, mode
     click.echo(f"wrote {dicts.kind} ({dicts.n_layers} layers, d_model {dicts.d_model}) to {dst}")
 
 
+@main.command("trace")
+@click.argument("prompt")
+@click.option("--model", default="gemma-3-270m", show_default=True, help="Model name, checkpoint directory or hub id.")
+@click.option("--dictionaries", "dictionaries_path", required=True,
+              help="Dictionary set: a directory (native, Gemma Scope 2 or circuit-tracer) or hub id/subfolder.")
+@click.option("-o", "--output", default="graph.json", show_default=True, help="Where to write the graph JSON.")
+@click.option("--max-logits", default=10, show_default=True, help="At most this many logit targets.")
+@click.option("--logit-prob", default=0.95, show_default=True, help="Cumulative probability of the logit targets.")
+@click.option("--target", "targets", multiple=True, help="Attribute this token's logit (repeatable), e.g. ' Paris'.")
+@click.option("--logit-diff", nargs=2, default=None, help="Attribute logit(A) - logit(B) of two tokens.")
+@click.option("--position", type=int, default=None, help="Token position whose next-token logits are attributed.")
+@click.option("--max-features", type=int, default=None, help="Feature budget (default: expand every active feature).")
+@click.option("--batch-size", default=64, show_default=True, help="Targets per backward batch.")
+@click.option("--node-threshold", default=0.8, show_default=True, help="Cumulative node influence kept by pruning.")
+@click.option("--edge-threshold", default=0.98, show_default=True, help="Cumulative edge influence kept by pruning.")
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), default="float32", show_default=True)
+@click.option("--device", default=None, help="cpu (default) or cuda.")
+@click.option("--chat", is_flag=True, help="Wrap the prompt in the tokenizer's chat template (for -it models).")
+def trace_command(prompt, model, dictionaries_path, output, max_logits, logit_prob, targets, logit_diff, position,
+                  max_features, batch_size, node_threshold, edge_threshold, dtype, device, chat) -> None:
+    """Trace PROMPT: write its attribution graph as JSON and print a summary."""
+    import time
+
+    from pydantic import ValidationError
+
+    from circuits.settings import TraceSettings
+    from circuits.tracing import trace
+    from dictionaries.formats import load_dictionaries
+    from dictionaries.hub import resolve_dictionary_path
+    from dictionaries.model_loading import load_model
+
+    start = time.perf_counter()
+    try:
+        settings = TraceSettings(
+            max_logits=max_logits, logit_prob=logit_prob, targets=list(targets) or None, logit_diff=logit_diff,
+            position=position, max_features=max_features, batch_size=batch_size, node_threshold=node_threshold,
+            edge_threshold=edge_threshold, dtype=dtype, chat=chat,
+        )
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        raise CircuitscopeError(f"bad setting {'.'.join(map(str, first['loc']))}: {first['msg']}") from None
+    if not prompt.strip():
+        raise CircuitscopeError("The prompt is empty; pass some text to trace.")
+    lm = load_model(model, dtype=dtype, device=device)
+    dicts = load_dictionaries(resolve_dictionary_path(dictionaries_path))
+    dicts.check_fits(lm.n_layers, lm.d_model, lm.name)
+    graph = trace(lm, dicts, prompt, settings, progress=True, dictionaries_source=dictionaries_path)
+    graph.save(output)
+    meta = graph.metadata
+    click.echo(f"prompt     {meta.tokens}")
+    click.echo(f"graph      {graph.graph.number_of_nodes()} nodes, {graph.graph.number_of_edges()} edges "
+               f"({meta.n_active_features} active features, {meta.n_expanded_features} expanded) -> {output}")
+    click.echo(f"scores     replacement {meta.scores.replacement:.3f}, completeness {meta.scores.completeness:.3f} "
+               f"(unpruned {meta.scores.replacement_unpruned:.3f}, {meta.scores.completeness_unpruned:.3f})")
+    logits = sorted(graph.logit_nodes, key=lambda n: -(graph.graph.nodes[n]["probability"] or 0))
+    shown = ", ".join(f"{graph.graph.nodes[n]['token']!r} {graph.graph.nodes[n]['probability']:.3f}" for n in logits)
+    click.echo(f"logits     {shown}")
+    click.echo(f"time       {time.perf_counter() - start:.1f} s (attribution {meta.timings.get('total', 0):.1f} s)")
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

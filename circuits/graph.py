@@ -1,0 +1,167 @@
+"""The attribution graph: a ``networkx.DiGraph`` with typed node and edge attributes plus pydantic metadata,
+saved to and loaded from the package's own versioned JSON.
+
+Node ids are stable strings; a feature's identity ``feature_key`` = ``"{layer}:{index}"`` does not depend
+on its position, so graphs of different prompts can be compared::
+
+    token@{pos}   feature:{layer}:{index}@{pos}   error:{layer}@{pos}   remainder:{layer}@{pos}   logit:{token_id}@{pos}
+
+Every node carries ``kind``, ``layer`` (-1 for tokens, n_layers for logits), ``position``, ``feature``,
+``feature_key``, ``token``, ``token_id``, ``activation``, ``influence``, ``label``, ``probability``,
+``members`` (remainders: how many features were folded in) and ``value`` (targets: the value that the
+incoming edges plus constants add up to). Edge (s -> t) carries ``weight``: the direct effect of s on t.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import networkx as nx
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from dictionaries.atomic_output import write_text_atomic
+from dictionaries.errors import CircuitscopeError
+
+from .settings import TraceSettings
+
+GRAPH_FORMAT = "circuitscope.graph"
+GRAPH_SCHEMA_VERSION = 1
+NodeKind = Literal["token", "feature", "error", "remainder", "logit"]
+
+
+class NodeData(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    id: str
+    kind: NodeKind
+    layer: int
+    position: int
+    feature: int | None = None
+    feature_key: str | None = None
+    token: str | None = None
+    token_id: int | None = None
+    activation: float | None = None
+    influence: float = 0.0
+    label: str | None = None
+    probability: float | None = None
+    members: int | None = None
+    value: float | None = None
+
+
+class EdgeData(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    source: str
+    target: str
+    weight: float
+
+
+class Scores(BaseModel):
+    """See :class:`circuits.influence.GraphScores` for the definitions; ``*_unpruned`` on the full graph."""
+
+    replacement: float
+    completeness: float
+    replacement_unpruned: float
+    completeness_unpruned: float
+
+
+class DictionaryInfo(BaseModel):
+    kind: str
+    n_layers: int
+    d_model: int
+    widths: list[int]
+    activation: str
+    source: str | None = None
+
+
+class GraphMetadata(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str
+    tokens: list[str]
+    token_ids: list[int]
+    target_position: int
+    model: str
+    n_layers: int
+    dictionaries: DictionaryInfo
+    settings: TraceSettings
+    scores: Scores
+    n_active_features: int
+    n_expanded_features: int
+    timings: dict[str, float] = {}
+
+
+class GraphFile(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    format: Literal["circuitscope.graph"] = GRAPH_FORMAT
+    schema_version: int = GRAPH_SCHEMA_VERSION
+    metadata: GraphMetadata
+    nodes: list[NodeData]
+    edges: list[EdgeData]
+
+
+class AttributionGraph:
+    """A graph and its metadata. ``graph.nodes[id]`` holds a :class:`NodeData`'s fields (without ``id``)."""
+
+    def __init__(self, graph: nx.DiGraph, metadata: GraphMetadata):
+        self.graph = graph
+        self.metadata = metadata
+
+    def nodes_of_kind(self, kind: NodeKind) -> list[str]:
+        return [n for n, data in self.graph.nodes(data=True) if data["kind"] == kind]
+
+    @property
+    def logit_nodes(self) -> list[str]:
+        return self.nodes_of_kind("logit")
+
+    def to_file(self) -> GraphFile:
+        nodes = [NodeData(id=n, **data) for n, data in self.graph.nodes(data=True)]
+        edges = [EdgeData(source=s, target=t, weight=d["weight"]) for s, t, d in self.graph.edges(data=True)]
+        return GraphFile(metadata=self.metadata, nodes=nodes, edges=edges)
+
+    def to_json(self) -> str:
+        return self.to_file().model_dump_json()
+
+    def save(self, path: str | Path) -> Path:
+        """Write the graph as JSON (atomically)."""
+        write_text_atomic(path, self.to_json())
+        return Path(path)
+
+    @classmethod
+    def from_file(cls, data: GraphFile) -> AttributionGraph:
+        graph = nx.DiGraph()
+        for node in data.nodes:
+            fields = node.model_dump()
+            graph.add_node(fields.pop("id"), **fields)
+        for edge in data.edges:
+            graph.add_edge(edge.source, edge.target, weight=edge.weight)
+        return cls(graph, data.metadata)
+
+    @classmethod
+    def load(cls, path: str | Path) -> AttributionGraph:
+        """Read a graph JSON file; a damaged file or one from a newer schema gets one clear message."""
+        path = Path(path)
+        try:
+            raw: Any = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise CircuitscopeError(f"{path}: no such graph file") from None
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise CircuitscopeError(f"{path}: not a graph JSON file ({exc}); trace the prompt again") from None
+        if not isinstance(raw, dict) or raw.get("format") != GRAPH_FORMAT:
+            raise CircuitscopeError(f"{path}: not a circuitscope graph file; trace the prompt again")
+        version = raw.get("schema_version")
+        if isinstance(version, int) and version > GRAPH_SCHEMA_VERSION:
+            raise CircuitscopeError(
+                f"{path}: written by a newer circuitscope (graph schema {version}; this one reads up to "
+                f"{GRAPH_SCHEMA_VERSION}); upgrade circuitscope"
+            )
+        try:
+            data = GraphFile.model_validate(raw)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(map(str, first["loc"]))
+            raise CircuitscopeError(f"{path}: damaged graph file ({where}: {first['msg']}); trace the prompt again") from None
+        return cls.from_file(data)

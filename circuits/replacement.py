@@ -1,0 +1,111 @@
+"""The replacement model's state for one prompt: active features, their decoder writes, and error vectors.
+
+With the dictionaries spliced in, the MLP output of layer t at position p is
+
+    y_t[p] = sum over active features (s, p, i) with s <= t of a * W_dec[s -> t][i] + b_dec_t + x_t[p] @ W_skip_t + e_t[p]
+
+and the error e_t = y_t - (everything else) makes it exact. At constant positions (BOS, chat-template
+tokens) the whole MLP output is a constant: no features, no error, no skip path. Decoder rows are read
+only for active features, so a memory-mapped decoder is never read whole.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from dictionaries.dictionary_set import DictionarySet
+
+from .clean_run import CleanRun
+
+
+@dataclass
+class ActiveFeatures:
+    """The n active (layer, position, feature) triples, sorted by layer, then position, then feature."""
+
+    layer: torch.Tensor  # [n] long
+    position: torch.Tensor  # [n] long
+    index: torch.Tensor  # [n] long
+    activation: torch.Tensor  # [n] float32
+
+    def __len__(self) -> int:
+        return int(self.layer.shape[0])
+
+
+@dataclass
+class DecoderWrites:
+    """What the active features write into the MLP output of one target layer: ``vectors[k]`` (already
+    scaled by the activation) at ``position[k]``, from active feature number ``feature[k]``."""
+
+    feature: torch.Tensor  # [m] long, index into ActiveFeatures
+    position: torch.Tensor  # [m] long
+    vectors: torch.Tensor  # [m, d] float32
+
+
+@dataclass
+class Replacement:
+    features: ActiveFeatures
+    writes: list[DecoderWrites]  # per target layer
+    errors: torch.Tensor  # [n_layers, P, d] float32, zero at constant positions
+    reconstruction: torch.Tensor  # [n_layers, P, d] float32, equals the MLP output at constant positions
+    pre_activations: list[torch.Tensor]  # per layer [P, d_sae]: the encoder pre-activations (targets' values)
+    constant_positions: torch.Tensor  # [P] bool
+
+
+@torch.no_grad()
+def build_replacement(clean: CleanRun, dicts: DictionarySet, constant_positions: torch.Tensor) -> Replacement:
+    """Encode every layer's recorded MLP input, decode sparsely, and take the errors. Computed in float32."""
+    n_layers = len(clean.layers)
+    device = clean.embeddings.device
+    constant_positions = constant_positions.to(device)
+    keep = (~constant_positions).float()[:, None]
+    layers, positions, indices, activations, pre_acts = [], [], [], [], []
+    for layer, record in enumerate(clean.layers):
+        x = record.mlp_input
+        pre = dicts.pre_activations(layer, x).float()
+        acts = dicts.activation(layer)(pre) * keep
+        pos, idx = acts.nonzero(as_tuple=True)  # row-major: sorted by position, then feature
+        layers.append(torch.full_like(pos, layer))
+        positions.append(pos)
+        indices.append(idx)
+        activations.append(acts[pos, idx])
+        pre_acts.append(pre)
+    features = ActiveFeatures(
+        torch.cat(layers), torch.cat(positions), torch.cat(indices), torch.cat(activations).float()
+    )
+
+    d = clean.embeddings.shape[1]
+    P = clean.n_positions
+    recon = torch.zeros(n_layers, P, d, device=device)
+    per_target: list[list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = [[] for _ in range(n_layers)]
+    start = 0
+    for source in range(n_layers):
+        count = int((features.layer == source).sum())
+        ids = torch.arange(start, start + count, device=device)
+        start += count
+        if count == 0:
+            continue
+        act = features.activation[ids][:, None]
+        pos = features.position[ids]
+        for target in dicts.decoder_targets(source):
+            rows = dicts.decoder_weight(source, target)[features.index[ids]].float() * act
+            per_target[target].append((ids, pos, rows))
+            recon[target].index_add_(0, pos, rows)
+    writes = []
+    for target in range(n_layers):
+        parts = per_target[target]
+        if parts:
+            writes.append(DecoderWrites(*(torch.cat([p[k] for p in parts]) for k in range(3))))
+        else:
+            empty = torch.zeros(0, dtype=torch.long, device=device)
+            writes.append(DecoderWrites(empty, empty, torch.zeros(0, d, device=device)))
+        recon[target] += dicts.decoder_bias(target).float()
+        skip = dicts.skip_weight(target)
+        if skip is not None:
+            recon[target] += clean.layers[target].mlp_input @ skip.float()
+    outputs = torch.stack([r.mlp_output for r in clean.layers])
+    constant = constant_positions[None, :, None]
+    recon = torch.where(constant, outputs, recon)
+    errors = torch.where(constant, torch.zeros_like(outputs), outputs - recon)
+    return Replacement(features, writes, errors, recon, pre_acts, constant_positions)

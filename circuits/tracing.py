@@ -1,0 +1,140 @@
+"""``trace``: prompt in, pruned :class:`~circuits.graph.AttributionGraph` out.
+
+attribute (adjacency rows) -> fold unexpanded features into remainders -> prune -> scores -> networkx graph.
+"""
+
+from __future__ import annotations
+
+import time
+
+import networkx as nx
+import torch
+
+from dictionaries.dictionary_set import DictionarySet
+from dictionaries.model_loading import LoadedModel
+
+from .attribution import Attribution, attribute
+from .graph import AttributionGraph, DictionaryInfo, GraphMetadata, Scores
+from .influence import graph_scores
+from .node_layout import ERROR, FEATURE, LOGIT, TOKEN
+from .pruning import PrunedGraph, RemainderGroup, fold_remainders, prune
+from .settings import TraceSettings
+
+
+def trace(
+    lm: LoadedModel,
+    dicts: DictionarySet,
+    prompt: str,
+    settings: TraceSettings | None = None,
+    progress: bool = False,
+    dictionaries_source: str | None = None,
+) -> AttributionGraph:
+    """Attribute ``prompt``'s logit targets through ``dicts`` spliced into ``lm`` and return the pruned graph."""
+    settings = settings or TraceSettings()
+    start = time.perf_counter()
+    result = attribute(lm, dicts, prompt, settings, progress=progress)
+    features = result.replacement.features
+    layout = result.layout
+    groups = fold_remainders(result.blocks, layout, features.layer, features.position, result.expanded)
+    folded_away = torch.zeros(layout.n_nodes, dtype=torch.bool)
+    for group in groups:
+        folded_away[layout.feature_node[group.features[1:]]] = True
+    weights = result.logits.weights.to(result.blocks[0].values.device)
+    unpruned = graph_scores(result.blocks, layout, weights)
+    pruned = prune(result.blocks, layout, weights, settings.node_threshold, settings.edge_threshold, folded_away)
+    kept = graph_scores(pruned.blocks, layout, weights)
+    result.timings["prune"] = time.perf_counter() - start - sum(result.timings.values())
+    result.timings["total"] = time.perf_counter() - start
+    metadata = GraphMetadata(
+        prompt=prompt,
+        tokens=result.tokens,
+        token_ids=result.input_ids.tolist(),
+        target_position=result.position,
+        model=lm.name,
+        n_layers=lm.n_layers,
+        dictionaries=DictionaryInfo(
+            kind=dicts.kind, n_layers=dicts.n_layers, d_model=dicts.d_model, widths=dicts.widths,
+            activation=dicts.config.activation.describe(), source=dictionaries_source,
+        ),
+        settings=settings,
+        scores=Scores(replacement=kept.replacement, completeness=kept.completeness,
+                      replacement_unpruned=unpruned.replacement, completeness_unpruned=unpruned.completeness),
+        n_active_features=result.n_features,
+        n_expanded_features=int(result.expanded.sum()),
+        timings={k: round(v, 4) for k, v in result.timings.items()},
+    )
+    return AttributionGraph(_build_networkx(result, pruned, groups), metadata)
+
+
+def _build_networkx(result: Attribution, pruned: PrunedGraph, groups: list[RemainderGroup]) -> nx.DiGraph:
+    layout = result.layout
+    features = result.replacement.features
+    n_layers = len(result.clean.layers)
+    feature_of_node = {int(node): k for k, node in enumerate(layout.feature_node.tolist())}
+    group_of_node = {g.node: g for g in groups}
+    target_nodes = layout.target_nodes
+    values = torch.cat([_feature_values(result), result.logits.values.cpu()])
+    influence = pruned.influence.cpu()
+
+    # edges first: a node is drawn when it is a token or logit, or has at least one kept edge
+    edges: list[tuple[int, int, float]] = []
+    for block in pruned.blocks:
+        rows, cols = (block.values != 0).nonzero(as_tuple=True)
+        weights = block.values[rows, cols].tolist()
+        targets = target_nodes[block.rows.cpu()[rows.cpu()]].tolist()
+        edges += zip(cols.tolist(), targets, weights)
+    present = {s for s, _, _ in edges} | {t for _, t, _ in edges}
+    present |= set(layout.token_node.tolist()) | set(layout.logit_node.tolist())
+
+    ids: dict[int, str] = {}
+    graph = nx.DiGraph()
+    target_row = {int(node): row for row, node in enumerate(target_nodes.tolist())}
+    for node in sorted(present):
+        kind = int(layout.kind[node])
+        position = int(layout.position[node])
+        layer = int(layout.layer[node])
+        attrs: dict = {"layer": layer, "position": position, "influence": float(influence[node])}
+        if node in target_row:
+            attrs["value"] = float(values[target_row[node]])
+        if kind == TOKEN:
+            ids[node] = f"token@{position}"
+            attrs.update(kind="token", token=result.tokens[position], token_id=int(result.input_ids[position]))
+        elif kind == ERROR:
+            ids[node] = f"error:{layer}@{position}"
+            attrs.update(kind="error")
+        elif kind == LOGIT:
+            j = node - layout.logit_node[0].item()
+            token_ids = result.logits.token_ids
+            key = f"{token_ids[0]}-{token_ids[1]}" if result.settings.logit_diff else str(token_ids[j])
+            ids[node] = f"logit:{key}@{position}"
+            attrs.update(kind="logit", token=result.logits.labels[j], probability=result.logits.probabilities[j],
+                         token_id=None if result.settings.logit_diff else token_ids[j])
+        elif node in group_of_node:
+            group = group_of_node[node]
+            ids[node] = f"remainder:{layer}@{position}"
+            attrs.update(kind="remainder", members=len(group.features),
+                         activation=float(features.activation[group.features].sum()))
+        else:
+            assert kind == FEATURE
+            k = feature_of_node[node]
+            index = int(features.index[k])
+            ids[node] = f"feature:{layer}:{index}@{position}"
+            attrs.update(kind="feature", feature=index, feature_key=f"{layer}:{index}",
+                         activation=float(features.activation[k]))
+        graph.add_node(ids[node], **attrs)
+    for source, target, weight in edges:
+        graph.add_edge(ids[source], ids[target], weight=weight)
+    assert all(graph.nodes[n]["layer"] <= n_layers for n in graph.nodes)
+    return graph
+
+
+def _feature_values(result: Attribution) -> torch.Tensor:
+    """Each active feature's target value: its encoder pre-activation x @ W_enc + b_enc (what the incoming
+    edges add up to together with the constant terms: biases, b_enc, constant positions)."""
+    features = result.replacement.features
+    out = torch.empty(len(features))
+    for layer, pre in enumerate(result.replacement.pre_activations):
+        ids = (features.layer == layer).nonzero().flatten()
+        if len(ids):
+            out[ids.cpu()] = pre[features.position[ids], features.index[ids]].cpu()
+    return out
