@@ -102,38 +102,43 @@ def attribute(
 
     start = time.perf_counter()
     backward = FrozenLinearBackward(lm, clean, dicts, constant, device)
-    encoders = torch.stack([dicts.encoder_weight(int(l))[:, int(i)] for l, i in zip(features.layer, features.index)]).float() \
-        if len(features) else torch.zeros(0, lm.d_model, device=device)
-    rows = EdgeRowComputer(backward, layout, replacement, clean.embeddings, encoders.to(device))
+    encoders = torch.zeros(len(features), lm.d_model, device=device)
+    for layer in range(lm.n_layers):
+        ids = (features.layer == layer).nonzero().flatten()
+        if len(ids):
+            weight = dicts.encoder_weight(layer)
+            encoders[ids] = weight[:, features.index[ids].to(weight.device)].T.float().to(device)
+    rows = EdgeRowComputer(backward, layout, replacement, clean.embeddings.to(device), encoders)
     n_features = len(features)
     blocks = [rows.logit_rows(logits.directions.to(device), position,
                               torch.arange(n_features, n_features + len(logits.labels), device=device))]
     budget = n_features if settings.max_features is None else min(settings.max_features, n_features)
     expanded = torch.zeros(n_features, dtype=torch.bool, device=device)
     bar = tqdm(total=budget, desc="attribution", unit="feature", disable=not progress, leave=False)
-    while int(expanded.sum()) < budget:
-        remaining = budget - int(expanded.sum())
-        if budget == n_features:  # no budget: expand everything, in layer order
-            chosen = (~expanded).nonzero().flatten()[: settings.batch_size]
-        else:
-            influence = node_influence(blocks, layout, logits.weights.to(device))[layout.feature_node.to(device)]
-            influence[expanded] = -1.0
-            chosen = torch.topk(influence, min(settings.batch_size, remaining)).indices
-        for layer_ids in _split_by_layer(chosen, features.layer, features.position):
-            blocks.append(rows.feature_rows(layer_ids))
-        expanded[chosen] = True
-        bar.update(len(chosen))
+    if budget == n_features:  # no budget: expand everything, in layer order
+        for chosen in torch.arange(n_features, device=device).split(settings.batch_size):
+            blocks.extend(rows.feature_rows(chosen))
+            bar.update(len(chosen))
+        expanded[:] = True
+    else:
+        ranking = torch.zeros(0, dtype=torch.long, device=device)
+        since_ranking = 0
+        while int(expanded.sum()) < budget:
+            # Re-rank by current influence on the logits whenever the rows added since the last ranking
+            # reach a batch or a quarter of all expanded rows: O(log budget) sweeps instead of one per batch.
+            if len(ranking) == 0 or since_ranking >= max(settings.batch_size, int(expanded.sum()) // 4):
+                influence = node_influence(blocks, layout, logits.weights.to(device))[layout.feature_node.to(device)]
+                influence[expanded] = -1.0
+                ranking = torch.argsort(influence, descending=True)[: budget - int(expanded.sum())]
+                since_ranking = 0
+            chosen, ranking = ranking[: settings.batch_size], ranking[settings.batch_size:]
+            blocks.extend(rows.feature_rows(chosen))
+            expanded[chosen] = True
+            since_ranking += len(chosen)
+            bar.update(len(chosen))
     bar.close()
     timings["attribution"] = time.perf_counter() - start
     tokens = [lm.tokenizer.decode([i]) for i in input_ids[0].tolist()]
     return Attribution(prompt, input_ids[0], tokens, position, clean, replacement, layout, logits, blocks,
                        expanded, settings, timings)
 
-
-def _split_by_layer(chosen: torch.Tensor, layer: torch.Tensor, position: torch.Tensor) -> list[torch.Tensor]:
-    """Groups of ``chosen`` features sharing a layer, each sorted by position (so P' stays small)."""
-    chosen = chosen[torch.argsort(layer[chosen] * (int(position.max()) + 1 if len(position) else 1) + position[chosen])]
-    groups = []
-    for value in layer[chosen].unique():
-        groups.append(chosen[layer[chosen] == value])
-    return groups

@@ -100,31 +100,49 @@ class EdgeRowComputer:
                 n_pos,
             ))
 
-    def _run(self, seeds: torch.Tensor, start_layer: int, start_at_mid: bool, width: int) -> torch.Tensor:
-        out = torch.zeros(seeds.shape[0], width, device=seeds.device)
-        grad_emb = self.backward.propagate(
-            seeds, start_layer, start_at_mid, lambda layer, grad: self.groups[layer].read(grad, out)
-        )
+    def _run(self, top_layer: int, grad_out: torch.Tensor | None, joining: dict[int, torch.Tensor],
+             n_rows: int, width: int) -> torch.Tensor:
+        out = torch.zeros(n_rows, width, device=self.embeddings.device)
+
+        def read(layer: int, grad: torch.Tensor) -> None:
+            self.groups[layer].read(grad.to(out.device), out[: grad.shape[0]])
+
+        grad_emb = self.backward.propagate(top_layer, grad_out, joining.get, read).to(out.device)
         n = grad_emb.shape[1]
         out[:, :n] += torch.einsum("bpd,pd->bp", grad_emb, self.embeddings[:n])  # token nodes come first
         return out
 
-    def feature_rows(self, feature_ids: torch.Tensor) -> RowBlock:
-        """Rows of active features ``feature_ids`` (all at one layer)."""
+    def feature_rows(self, feature_ids: torch.Tensor) -> list[RowBlock]:
+        """Rows of active features ``feature_ids`` (any layers), one RowBlock per layer.
+
+        All rows share one backward pass: each joins at its own layer, so a mixed batch costs no more than
+        its rows' own paths."""
         features = self.replacement.features
-        layer = int(features.layer[feature_ids[0]])
+        layers = features.layer[feature_ids]
+        order = torch.argsort(layers * (int(features.position.max()) + 1) + features.position[feature_ids],
+                              descending=True)
+        feature_ids, layers = feature_ids[order], layers[order]
         positions = features.position[feature_ids]
         n = int(positions.max()) + 1
-        seeds = torch.zeros(len(feature_ids), n, self.embeddings.shape[1], device=self.embeddings.device)
-        scale = self.backward.layers[layer].s_pre[positions]
-        seeds[torch.arange(len(feature_ids)), positions] = self.encoder_vectors[feature_ids] * scale
-        width = self.layout.prefix_end(layer)
-        return RowBlock(feature_ids, self._run(seeds, layer, True, width))
+        d = self.embeddings.shape[1]
+        joining: dict[int, torch.Tensor] = {}
+        for layer in layers.unique().tolist():
+            ids = (layers == layer).nonzero().flatten()
+            seeds = torch.zeros(len(ids), n, d, device=self.embeddings.device)
+            scale = self.backward.layers[layer].s_pre[positions[ids]]
+            seeds[torch.arange(len(ids)), positions[ids]] = self.encoder_vectors[feature_ids[ids]] * scale
+            joining[layer] = seeds
+        top = int(layers.max())
+        values = self._run(top, None, joining, len(feature_ids), self.layout.prefix_end(top))
+        blocks = []
+        for layer in layers.unique().tolist():
+            ids = (layers == layer).nonzero().flatten()
+            blocks.append(RowBlock(feature_ids[ids], values[ids, : self.layout.prefix_end(layer)].clone()))
+        return blocks
 
     def logit_rows(self, directions: torch.Tensor, position: int, row_ids: torch.Tensor) -> RowBlock:
         """Rows of logit targets: ``directions`` [k, d] in unembedding space (e.g. W_U[tok] - mean W_U)."""
-        n = position + 1
-        seeds = torch.zeros(len(directions), n, directions.shape[1], device=directions.device)
+        seeds = torch.zeros(len(directions), position + 1, directions.shape[1], device=directions.device)
         seeds[:, position] = directions * self.backward.s_final[position]
         last = len(self.backward.layers) - 1
-        return RowBlock(row_ids, self._run(seeds, last, False, self.layout.n_sources))
+        return RowBlock(row_ids, self._run(last, seeds, {}, len(directions), self.layout.n_sources))

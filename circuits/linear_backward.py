@@ -47,18 +47,20 @@ class FrozenLinearBackward:
         self.n_heads = int(config.num_attention_heads)
         self.n_kv = int(config.num_key_value_heads)
         self.head_dim = int(config.head_dim)
-        live = (~constant_positions.to(device)).float()[:, None]
         self.layers: list[_LayerWeights] = []
         for index, (layer, record) in enumerate(zip(lm.layers, clean.layers)):
+            # each layer's weights stay on that layer's device (models spread over several GPUs)
+            here = layer.self_attn.o_proj.weight.device
+            live = (~constant_positions.to(here)).float()[:, None]
             skip = dicts.skip_weight(index)
             self.layers.append(_LayerWeights(
-                W_O=_f32(layer.self_attn.o_proj.weight, device),
-                W_V=_f32(layer.self_attn.v_proj.weight, device),
-                pattern_T=record.pattern.to(device).transpose(1, 2).contiguous(),
-                s_in=_scale(layer.input_layernorm, record.r_input, device),
-                s_post=_scale(layer.post_attention_layernorm, record.r_post_attention, device),
-                s_pre=_scale(lm.mlp_input_module(index), record.r_pre_feedforward, device) * live,
-                W_skip_T=None if skip is None else _f32(skip, device).T.contiguous(),
+                W_O=_f32(layer.self_attn.o_proj.weight, here),
+                W_V=_f32(layer.self_attn.v_proj.weight, here),
+                pattern_T=record.pattern.to(here).transpose(1, 2).contiguous(),
+                s_in=_scale(layer.input_layernorm, record.r_input, here),
+                s_post=_scale(layer.post_attention_layernorm, record.r_post_attention, here),
+                s_pre=_scale(lm.mlp_input_module(index), record.r_pre_feedforward, here) * live,
+                W_skip_T=None if skip is None else _f32(skip, here).T.contiguous(),
             ))
         self.s_final = _scale(lm.text_model.norm, clean.r_final, device)
 
@@ -67,12 +69,14 @@ class FrozenLinearBackward:
         w = self.layers[layer]
         if w.W_skip_T is None:
             return grad_out
+        grad_out = grad_out.to(w.s_pre.device)
         n = grad_out.shape[1]
         return grad_out + (grad_out @ w.W_skip_T) * w.s_pre[:n]
 
     def attention(self, layer: int, grad_mid: torch.Tensor) -> torch.Tensor:
         """G_mid [B, P', d] before ``layer``'s MLP -> G_in on the residual entering ``layer``."""
         w = self.layers[layer]
+        grad_mid = grad_mid.to(w.W_O.device)
         B, n, d = grad_mid.shape
         H, hd, n_kv = self.n_heads, self.head_dim, self.n_kv
         per_head = ((grad_mid * w.s_post[:n]) @ w.W_O).view(B, n, H, hd)  # gradient on each head's output
@@ -84,26 +88,32 @@ class FrozenLinearBackward:
 
     def propagate(
         self,
-        grad: torch.Tensor,
-        start_layer: int,
-        start_at_mid: bool,
+        top_layer: int,
+        grad_out: torch.Tensor | None,
+        join: Callable[[int], torch.Tensor | None],
         read: Callable[[int, torch.Tensor], None],
     ) -> torch.Tensor:
-        """Carry ``grad`` [B, P', d] down from ``start_layer`` to the embeddings.
+        """Carry gradient rows down from ``top_layer`` to the embeddings; rows may join on the way.
 
-        ``start_at_mid``: the gradient sits before ``start_layer``'s MLP (a feature target) rather than
-        after it (logits). ``read(l, G)`` is called with the gradient on the residual after layer l,
-        where layer l's MLP output is added, for every l below the start. Returns the gradient on the
-        embeddings [B, P', d].
+        ``grad_out`` [k, P', d] (or None) sits on the residual after ``top_layer`` (logit targets).
+        ``join(l)`` returns rows [m, P', d] that join on the residual before layer l's MLP (feature
+        targets at layer l), appended after the rows already present, or None. ``read(l, G)`` is called
+        with the gradient on the residual after layer l, where layer l's MLP output is added, for every
+        l below a row's start; G holds the rows present so far (a prefix of the final row order).
+        Returns the gradient on the embeddings [B, P', d].
         """
-        layer = start_layer
-        if not start_at_mid:
-            read(layer, grad)
-            grad = self.skip(layer, grad)
-        grad = self.attention(layer, grad)
-        for layer in range(start_layer - 1, -1, -1):
-            read(layer, grad)
-            grad = self.attention(layer, self.skip(layer, grad))
+        grad = grad_out
+        for layer in range(top_layer, -1, -1):
+            if grad is not None:
+                read(layer, grad)
+                grad = self.skip(layer, grad)
+            joining = join(layer)
+            if joining is not None:
+                grad = joining if grad is None else torch.cat([grad, joining.to(grad.device)])
+            if grad is not None:
+                grad = self.attention(layer, grad)
+        if grad is None:
+            raise ValueError("propagate needs at least one gradient row")
         return grad
 
 

@@ -62,8 +62,8 @@ def build_replacement(clean: CleanRun, dicts: DictionarySet, constant_positions:
     keep = (~constant_positions).float()[:, None]
     layers, positions, indices, activations, pre_acts = [], [], [], [], []
     for layer, record in enumerate(clean.layers):
-        x = record.mlp_input
-        pre = dicts.pre_activations(layer, x).float()
+        x = record.mlp_input.to(dicts.encoder_bias(layer).device)
+        pre = dicts.pre_activations(layer, x).float().to(device)
         acts = dicts.activation(layer)(pre) * keep
         pos, idx = acts.nonzero(as_tuple=True)  # row-major: sorted by position, then feature
         layers.append(torch.full_like(pos, layer))
@@ -89,7 +89,8 @@ def build_replacement(clean: CleanRun, dicts: DictionarySet, constant_positions:
         act = features.activation[ids][:, None]
         pos = features.position[ids]
         for target in dicts.decoder_targets(source):
-            rows = dicts.decoder_weight(source, target)[features.index[ids]].float() * act
+            weight = dicts.decoder_weight(source, target)
+            rows = weight[features.index[ids].to(weight.device)].float().to(device) * act
             per_target[target].append((ids, pos, rows))
             recon[target].index_add_(0, pos, rows)
     writes = []
@@ -100,11 +101,11 @@ def build_replacement(clean: CleanRun, dicts: DictionarySet, constant_positions:
         else:
             empty = torch.zeros(0, dtype=torch.long, device=device)
             writes.append(DecoderWrites(empty, empty, torch.zeros(0, d, device=device)))
-        recon[target] += dicts.decoder_bias(target).float()
+        recon[target] += dicts.decoder_bias(target).float().to(device)
         skip = dicts.skip_weight(target)
         if skip is not None:
-            recon[target] += clean.layers[target].mlp_input @ skip.float()
-    outputs = torch.stack([r.mlp_output for r in clean.layers])
+            recon[target] += clean.layers[target].mlp_input.to(device) @ skip.float().to(device)
+    outputs = torch.stack([r.mlp_output.to(device) for r in clean.layers])
     constant = constant_positions[None, :, None]
     recon = torch.where(constant, outputs, recon)
     errors = torch.where(constant, torch.zeros_like(outputs), outputs - recon)
