@@ -55,6 +55,20 @@ def fold_remainders(blocks: list[RowBlock], layout: NodeLayout, features_layer: 
     return groups
 
 
+def remainder_influence(influence: torch.Tensor, layout: NodeLayout, groups: list[RemainderGroup]) -> torch.Tensor:
+    """Node influence (computed BEFORE folding) with each remainder node carrying the summed influence of
+    its members. Folding sums the members' signed edges, which is the right edge weight (removing all
+    members moves each target by exactly that much) but would let members whose edges cancel lose
+    influence; ranking remainders by their members' total keeps every member's share."""
+    influence = influence.clone()
+    for group in groups:
+        members = layout.feature_node[group.features].to(influence.device)
+        total = influence[members].sum()
+        influence[members] = 0.0
+        influence[group.node] = total
+    return influence
+
+
 @dataclass
 class PrunedGraph:
     blocks: list[RowBlock]  # kept rows only, pruned columns and edges zeroed
@@ -66,17 +80,25 @@ def _cumulative_cut(scores: torch.Tensor, threshold: float) -> float:
     """The smallest score among the top scores whose cumulative sum reaches ``threshold`` of the total."""
     if scores.numel() == 0:
         return float("inf")
-    ordered = torch.sort(scores, descending=True).values
-    cumulative = torch.cumsum(ordered, 0)
+    ordered = torch.sort(scores.double(), descending=True).values
+    if threshold >= 1.0:  # keep everything that carries any score (float rounding must not cut the tail)
+        positive = ordered[ordered > 0]
+        return float(positive[-1]) if len(positive) else float("inf")
+    cumulative = torch.cumsum(ordered, 0)  # float64: a long tail of tiny scores still adds up
     index = int(torch.searchsorted(cumulative, threshold * cumulative[-1]))
     return float(ordered[min(index, len(ordered) - 1)])
 
 
 def prune(blocks: list[RowBlock], layout: NodeLayout, weights: torch.Tensor, node_threshold: float,
-          edge_threshold: float, folded_away: torch.Tensor) -> PrunedGraph:
-    """Prune (see the module docstring). ``folded_away`` [n_nodes] bool marks nodes merged into remainders."""
+          edge_threshold: float, folded_away: torch.Tensor, influence: torch.Tensor | None = None) -> PrunedGraph:
+    """Prune (see the module docstring). ``folded_away`` [n_nodes] bool marks nodes merged into remainders.
+
+    ``influence`` [n_nodes] overrides the node influence used to choose nodes (see
+    :func:`remainder_influence`); by default it is computed from ``blocks``."""
     device = weights.device
-    influence = node_influence(blocks, layout, weights)
+    if influence is None:
+        influence = node_influence(blocks, layout, weights)
+    influence = influence.to(device)
     kind = layout.kind.to(device)
     is_feature = (kind == FEATURE) & ~folded_away.to(device)
     cut = _cumulative_cut(influence[is_feature], node_threshold)

@@ -29,6 +29,7 @@ class TraceSettings(BaseModel):
     edge_threshold: float = Field(default=0.98, gt=0.0, le=1.0)
     dtype: Literal["float32", "bfloat16"] = "float32"
     chat: bool = False
+    keep_unpruned: bool = False  # also keep what pruning removed (AttributionGraph.unpruned); big graphs get big
 
     @model_validator(mode="after")
     def _one_kind_of_target(self) -> TraceSettings:
@@ -36,4 +37,6 @@ class TraceSettings(BaseModel):
             raise ValueError("name target tokens or a logit difference, not both")
         if self.targets is not None and not self.targets:
             raise ValueError("targets is empty")
+        if self.targets is not None and len(set(self.targets)) != len(self.targets):
+            raise ValueError("a target token is named twice")
         return self

@@ -39,6 +39,11 @@ def unembedding_mean(lm: LoadedModel, chunk: int = 16384) -> torch.Tensor:
 
 def _single_token(lm: LoadedModel, text: str) -> int:
     ids = lm.tokenizer(text, add_special_tokens=False)["input_ids"]
+    unknown = lm.tokenizer.unk_token_id
+    if len(ids) == 1 and ids[0] == unknown and text != lm.tokenizer.unk_token:
+        raise CircuitscopeError(
+            f"target {text!r} is not in {lm.name}'s vocabulary (it maps to the unknown token); name a single token"
+        )
     if len(ids) != 1:
         pieces = [lm.tokenizer.decode([i]) for i in ids]
         raise CircuitscopeError(

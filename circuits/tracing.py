@@ -14,11 +14,12 @@ from dictionaries.dictionary_set import DictionarySet
 from dictionaries.model_loading import LoadedModel
 
 from .attribution import Attribution, attribute
-from .graph import AttributionGraph, DictionaryInfo, GraphMetadata, Scores
-from .influence import graph_scores
+from .graph import AttributionGraph, DictionaryInfo, GraphMetadata, NodeData, Scores
+from .influence import graph_scores, node_influence
 from .node_layout import ERROR, FEATURE, LOGIT, TOKEN
-from .pruning import PrunedGraph, RemainderGroup, fold_remainders, prune
+from .pruning import PrunedGraph, RemainderGroup, fold_remainders, prune, remainder_influence
 from .settings import TraceSettings
+from .unpruned import removed_by_pruning
 
 
 def trace(
@@ -35,13 +36,15 @@ def trace(
     result = attribute(lm, dicts, prompt, settings, progress=progress)
     features = result.replacement.features
     layout = result.layout
+    weights = result.logits.weights.to(result.blocks[0].values.device)
+    influence_before_folding = node_influence(result.blocks, layout, weights)
     groups = fold_remainders(result.blocks, layout, features.layer, features.position, result.expanded)
     folded_away = torch.zeros(layout.n_nodes, dtype=torch.bool)
     for group in groups:
         folded_away[layout.feature_node[group.features[1:]]] = True
-    weights = result.logits.weights.to(result.blocks[0].values.device)
     unpruned = graph_scores(result.blocks, layout, weights)
-    pruned = prune(result.blocks, layout, weights, settings.node_threshold, settings.edge_threshold, folded_away)
+    pruned = prune(result.blocks, layout, weights, settings.node_threshold, settings.edge_threshold, folded_away,
+                   influence=remainder_influence(influence_before_folding, layout, groups))
     kept = graph_scores(pruned.blocks, layout, weights)
     result.timings["prune"] = time.perf_counter() - start - sum(result.timings.values())
     result.timings["total"] = time.perf_counter() - start
@@ -63,7 +66,11 @@ def trace(
         n_expanded_features=int(result.expanded.sum()),
         timings={k: round(v, 4) for k, v in result.timings.items()},
     )
-    return AttributionGraph(_build_networkx(result, pruned, groups), metadata)
+    graph = AttributionGraph(_build_networkx(result, pruned, groups), metadata)
+    if settings.keep_unpruned:  # the whole graph, minus what the pruned one holds
+        everything = PrunedGraph(result.blocks, torch.ones_like(pruned.node_mask), pruned.influence)
+        graph.unpruned = removed_by_pruning(_build_networkx(result, everything, groups), graph.graph)
+    return graph
 
 
 def _build_networkx(result: Attribution, pruned: PrunedGraph, groups: list[RemainderGroup]) -> nx.DiGraph:
@@ -121,7 +128,7 @@ def _build_networkx(result: Attribution, pruned: PrunedGraph, groups: list[Remai
             ids[node] = f"feature:{layer}:{index}@{position}"
             attrs.update(kind="feature", feature=index, feature_key=f"{layer}:{index}",
                          activation=float(features.activation[k]))
-        graph.add_node(ids[node], **attrs)
+        graph.add_node(ids[node], **NodeData(id=ids[node], **attrs).model_dump(exclude={"id"}))
     for source, target, weight in edges:
         graph.add_edge(ids[source], ids[target], weight=weight)
     assert all(graph.nodes[n]["layer"] <= n_layers for n in graph.nodes)

@@ -12,6 +12,18 @@ from pathlib import Path
 from .errors import CircuitscopeError
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def readable_by_others(path: str | Path, directory: bool = False) -> None:
+    """Give a temporary file (0600) or directory (0700) the permissions a plain open() would, so that
+    outputs meant for sharing are not private to their writer."""
+    os.chmod(path, (0o777 if directory else 0o666) & ~_umask())
+
+
 @contextmanager
 def atomic_directory(destination: str | Path, overwrite: bool = False) -> Iterator[Path]:
     """Yield a fresh temporary directory beside ``destination``; on success it replaces ``destination``.
@@ -28,6 +40,7 @@ def atomic_directory(destination: str | Path, overwrite: bool = False) -> Iterat
     try:
         parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{destination.name}.", suffix=".tmp", dir=parent))
+        readable_by_others(tmp, directory=True)
     except OSError as exc:
         raise CircuitscopeError(f"cannot write to {parent}: {exc.strerror}; choose a writable output path") from None
     try:
@@ -52,6 +65,7 @@ def write_text_atomic(path: str | Path, text: str) -> None:
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             fh.write(text)
+        readable_by_others(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

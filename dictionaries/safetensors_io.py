@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from .atomic_output import readable_by_others
 from .errors import DictionaryFileError
 
 _DTYPES: dict[str, torch.dtype] = {
@@ -145,6 +146,7 @@ def write_tensors(path: str | Path, tensors: Mapping[str, torch.Tensor], metadat
     os.close(fd)
     try:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
+        readable_by_others(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -99,3 +99,17 @@ def test_failed_save_leaves_nothing(tmp_path, monkeypatch):
     with pytest.raises(OSError):
         save_native(random_dictionary_set(2, 4, 4), tmp_path / "out")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_outputs_get_ordinary_permissions(tmp_path):
+    import os
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        directory = save_native(random_dictionary_set(1, 4, 4), tmp_path / "shared")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(directory.stat().st_mode) == 0o755
+    assert stat.S_IMODE((directory / "layer_0.safetensors").stat().st_mode) == 0o644
+    assert stat.S_IMODE((directory / "config.json").stat().st_mode) == 0o644

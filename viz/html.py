@@ -1,0 +1,109 @@
+"""A self-contained interactive HTML page for one graph: no network access, everything inline.
+
+The page embeds the graph (every node, and the ``max_edges`` most important edges; 200,000 by default,
+enough for the graphs pruning leaves) as JSON and draws it in the browser with the SVG's layout: a
+threshold slider picks nodes by cumulative influence (as pruning does), a second slider sets how many of
+the most important edges among them are drawn, clicking a node lists its inputs and outputs, hovering
+shows details. See :mod:`viz.page_script` for the script and how the page reports errors.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+from pathlib import Path
+
+from pydantic import BaseModel, Field
+
+from circuits.graph import AttributionGraph
+from circuits.subgraphs import cumulative_influence
+from circuits.weights import edge_importance
+from dictionaries.atomic_output import write_text_atomic
+
+from .labels import node_description, node_label
+from .page_script import ERROR_TRAP, PAGE_JS
+from .page_style import PAGE_CSS
+from .palette import FILLS, NEGATIVE, POSITIVE
+from .selection import ranked_nodes
+
+
+class PageOptions(BaseModel):
+    """``max_edges``: edges embedded in the page (most important first); ``threshold``: the initial
+    cumulative-influence threshold; ``edges_shown``: how many edges are drawn at first."""
+
+    max_edges: int = Field(default=200_000, ge=0)
+    threshold: float = Field(default=0.5, gt=0.0, le=1.0)
+    edges_shown: int = Field(default=300, ge=0)
+
+
+def _short(x: float) -> float:
+    return float(f"{x:.6g}")
+
+
+def page_data(graph: AttributionGraph, options: PageOptions) -> dict:
+    """What the page's script reads: metadata, nodes (with labels and cumulative influence) and edges
+    ``[source index, target index, weight]``, most important first."""
+    meta = graph.metadata
+    shares = cumulative_influence(graph, ranked_nodes(graph))
+    order = {node: i for i, node in enumerate(graph.graph.nodes)}
+    nodes = []
+    for node, data in graph.graph.nodes(data=True):
+        line1, line2 = node_label(graph, node)
+        nodes.append({"id": node, "kind": data["kind"], "layer": data["layer"], "pos": data["position"],
+                      "l1": line1, "l2": line2, "desc": node_description(graph, node),
+                      "infl": _short(data["influence"]), "cum": shares.get(node)})
+    importance = edge_importance(graph)
+    ranked = sorted(importance, key=lambda e: -importance[e])[: options.max_edges]
+    edges = [[order[s], order[t], _short(graph.graph.edges[s, t]["weight"])] for s, t in ranked]
+    summary = (f"{meta.model} · {meta.dictionaries.kind} · replacement {meta.scores.replacement:.3f}, "
+               f"completeness {meta.scores.completeness:.3f} · {graph.graph.number_of_nodes()} nodes, "
+               f"{graph.graph.number_of_edges()} edges")
+    return {
+        "meta": {"prompt": meta.prompt, "summary": summary, "n_layers": meta.n_layers,
+                 "n_edges": graph.graph.number_of_edges()},
+        "view": {"threshold": options.threshold, "edges": options.edges_shown},
+        "fills": FILLS,
+        "colours": {"positive": POSITIVE, "negative": NEGATIVE},
+        "nodes": nodes,
+        "edges": edges,
+    }
+
+
+def _inline_json(value: dict) -> str:
+    """JSON that cannot end its <script> element early."""
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":")).replace("<", "\\u003c")
+
+
+def render_html(graph: AttributionGraph, options: PageOptions | None = None) -> str:
+    """The page as one HTML string."""
+    options = options or PageOptions()
+    title = html.escape(f"circuitscope: {graph.metadata.prompt}")
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>{title}</title>
+<meta http-equiv="Content-Security-Policy"
+ content="default-src 'none'; style-src 'unsafe-inline'; script-src 'unsafe-inline'">
+<style>{PAGE_CSS}</style></head>
+<body data-state="loading">
+<script>{ERROR_TRAP}</script>
+<div id="canvas"><svg id="graph" xmlns="http://www.w3.org/2000/svg"></svg></div>
+<div id="panel">
+<h1 id="title"></h1><div id="meta" class="meta"></div><div id="counts" class="meta"></div>
+<div class="control">
+<label for="threshold">node threshold (cumulative influence)<span id="threshold-value"></span></label>
+<input id="threshold" type="range" min="0.01" max="1" step="0.01"></div>
+<div class="control"><label for="edges">edges drawn (most important first)<span id="edges-value"></span></label>
+<input id="edges" type="range" min="0" step="10"></div>
+<div class="control"><button id="zoom-out">−</button><button id="zoom-in">+</button><button id="zoom-fit">fit</button>
+<span class="hint">blue: positive, red: negative; width: |weight|</span></div>
+<div id="details"></div><pre id="errors"></pre></div>
+<div id="tooltip"></div>
+<script id="graph-data" type="application/json">{_inline_json(page_data(graph, options))}</script>
+<script>{PAGE_JS}</script>
+</body></html>
+"""
+
+
+def save_html(graph: AttributionGraph, path: str | Path, options: PageOptions | None = None) -> Path:
+    """Write the page to ``path`` (atomically)."""
+    write_text_atomic(path, render_html(graph, options))
+    return Path(path)

@@ -1,0 +1,276 @@
+"""The interactive page's script (inlined into every page; no libraries, no network).
+
+``ERROR_TRAP`` runs first: any uncaught error is written into ``#errors`` and ``body[data-state]`` becomes
+``error``, so a headless browser's DOM dump shows it. ``PAGE_JS`` reads the graph from the
+``<script id="graph-data" type="application/json">`` element, draws the nodes that pass the influence
+threshold (layers bottom to top, positions left to right, the same layout as the SVG) and the most
+important edges among them, and on success sets ``body[data-state]`` to ``ready``. Clicking a node lists
+its inputs and outputs (rows are clickable); hovering shows details; ``#node=ID`` in the address selects a
+node on load.
+"""
+
+ERROR_TRAP = """
+(function () {
+  function report(message) {
+    var box = document.getElementById('errors');
+    if (box) { box.textContent += message + '\\n'; }
+    document.body.setAttribute('data-state', 'error');
+  }
+  window.addEventListener('error', function (e) { report('error: ' + e.message + ' (line ' + e.lineno + ')'); });
+  window.addEventListener('unhandledrejection', function (e) { report('error: ' + e.reason); });
+})();
+"""
+
+PAGE_JS = """
+(function () {
+  'use strict';
+  var SLOT_W = 80, SLOT_H = 46, PER_ROW = 4, BAND_GAP = 26, COL_GAP = 24, LEFT = 70, TOP = 16;
+  var SVGNS = 'http://www.w3.org/2000/svg';
+  var data = JSON.parse(document.getElementById('graph-data').textContent);
+  var nodes = data.nodes, edges = data.edges, meta = data.meta;
+  var index = new Map();
+  nodes.forEach(function (n, i) { index.set(n.id, i); });
+  var ins = nodes.map(function () { return []; });
+  var outs = nodes.map(function () { return []; });
+  edges.forEach(function (e, k) { outs[e[0]].push(k); ins[e[1]].push(k); });
+  var ranked = [];
+  nodes.forEach(function (n, i) { if (n.cum !== null) { ranked.push(i); } });
+  ranked.sort(function (a, b) { return nodes[a].cum - nodes[b].cum; });
+  var state = { threshold: data.view.threshold, maxEdges: data.view.edges, zoom: 1, selected: null };
+  var lastPlaced = null;
+
+  function $(id) { return document.getElementById(id); }
+  function el(name, attrs, parent) {
+    var node = document.createElementNS(SVGNS, name);
+    Object.keys(attrs).forEach(function (k) { node.setAttribute(k, attrs[k]); });
+    if (parent) { parent.appendChild(node); }
+    return node;
+  }
+  function fmt(x) { return x === null || x === undefined ? '' : (+x).toPrecision(4); }
+
+  function visible() {
+    var shown = new Set();
+    nodes.forEach(function (n, i) { if (n.cum === null) { shown.add(i); } });
+    for (var r = 0; r < ranked.length; r++) {
+      shown.add(ranked[r]);
+      if (nodes[ranked[r]].cum >= state.threshold) { break; }
+    }
+    if (state.selected !== null) { shown.add(state.selected); }
+    return shown;
+  }
+
+  function layout(shown) {
+    var cells = new Map();
+    shown.forEach(function (i) {
+      var key = nodes[i].layer + ',' + nodes[i].pos;
+      if (!cells.has(key)) { cells.set(key, []); }
+      cells.get(key).push(i);
+    });
+    var widest = new Map(), tallest = new Map();
+    cells.forEach(function (members, key) {
+      members.sort(function (a, b) { return nodes[b].infl - nodes[a].infl; });
+      var layer = nodes[members[0]].layer, pos = nodes[members[0]].pos;
+      widest.set(pos, Math.max(widest.get(pos) || 0, Math.min(members.length, PER_ROW)));
+      tallest.set(layer, Math.max(tallest.get(layer) || 0, Math.ceil(members.length / PER_ROW)));
+    });
+    var positions = Array.from(widest.keys()).sort(function (a, b) { return a - b; });
+    var layers = Array.from(tallest.keys()).sort(function (a, b) { return b - a; });
+    var left = new Map(), top = new Map(), x = LEFT, y = TOP;
+    positions.forEach(function (p) { left.set(p, x); x += widest.get(p) * SLOT_W + COL_GAP; });
+    layers.forEach(function (l) { top.set(l, y); y += tallest.get(l) * SLOT_H + BAND_GAP; });
+    var where = new Map();
+    cells.forEach(function (members) {
+      var layer = nodes[members[0]].layer, pos = nodes[members[0]].pos;
+      members.forEach(function (i, k) {
+        var row = Math.floor(k / PER_ROW), col = k % PER_ROW;
+        var inRow = Math.min(members.length - row * PER_ROW, PER_ROW);
+        var offset = (widest.get(pos) - inRow) * SLOT_W / 2;
+        where.set(i, [left.get(pos) + offset + (col + 0.5) * SLOT_W, top.get(layer) + (row + 0.5) * SLOT_H]);
+      });
+    });
+    var bands = layers.map(function (l) { return [l, top.get(l) + tallest.get(l) * SLOT_H / 2]; });
+    return { where: where, bands: bands, width: x, height: y };
+  }
+
+  function chosenEdges(shown) {
+    var picked = new Set();
+    for (var k = 0; k < edges.length && picked.size < state.maxEdges; k++) {
+      if (shown.has(edges[k][0]) && shown.has(edges[k][1])) { picked.add(k); }
+    }
+    if (state.selected !== null) {
+      ins[state.selected].concat(outs[state.selected]).forEach(function (k) {
+        if (shown.has(edges[k][0]) && shown.has(edges[k][1])) { picked.add(k); }
+      });
+    }
+    return Array.from(picked);
+  }
+
+  function drawNode(g, n) {
+    var w = SLOT_W - 8, h = SLOT_H - 10, shape;
+    if (n.kind === 'token' || n.kind === 'logit' || n.kind === 'remainder') {
+      shape = el('rect', { x: -w / 2, y: -h / 2, width: w, height: h, rx: n.kind === 'remainder' ? 8 : 2 }, g);
+    } else if (n.kind === 'error') {
+      shape = el('polygon', { points: [0, -h / 2, w / 2, 0, 0, h / 2, -w / 2, 0].join(' ') }, g);
+    } else {
+      shape = el('ellipse', { rx: w / 2, ry: h / 2 }, g);
+    }
+    shape.setAttribute('fill', data.fills[n.kind] || '#eee');
+    shape.setAttribute('stroke', '#4a5568');
+    el('text', { y: -2 }, g).textContent = n.l1;
+    el('text', { y: 9 }, g).textContent = n.l2;
+  }
+
+  function render() {
+    var shown = visible(), placed = layout(shown), picked = chosenEdges(shown);
+    lastPlaced = placed;
+    var svg = $('graph');
+    while (svg.firstChild) { svg.removeChild(svg.firstChild); }
+    svg.setAttribute('viewBox', '0 0 ' + placed.width + ' ' + placed.height);
+    svg.setAttribute('width', placed.width * state.zoom);
+    svg.setAttribute('height', placed.height * state.zoom);
+    placed.bands.forEach(function (b) {
+      var name = b[0] < 0 ? 'tokens' : b[0] >= meta.n_layers ? 'logits' : 'L' + b[0];
+      el('text', { x: LEFT - 12, y: b[1] + 4, 'class': 'axis' }, svg).textContent = name;
+    });
+    var edgeLayer = el('g', {}, svg), nodeLayer = el('g', {}, svg);
+    var biggest = 1e-30;
+    picked.forEach(function (k) { biggest = Math.max(biggest, Math.abs(edges[k][2])); });
+    var near = new Set();
+    if (state.selected !== null) {
+      near.add(state.selected);
+      ins[state.selected].forEach(function (k) { near.add(edges[k][0]); });
+      outs[state.selected].forEach(function (k) { near.add(edges[k][1]); });
+    }
+    picked.slice().reverse().forEach(function (k) {
+      var e = edges[k], a = placed.where.get(e[0]), b = placed.where.get(e[1]);
+      var sy = a[1] - (SLOT_H - 10) / 2, ty = b[1] + (SLOT_H - 10) / 2, my = (sy + ty) / 2;
+      var touches = state.selected !== null && (e[0] === state.selected || e[1] === state.selected);
+      el('path', {
+        d: 'M' + a[0] + ',' + sy + ' C' + a[0] + ',' + my + ' ' + b[0] + ',' + my + ' ' + b[0] + ',' + ty,
+        stroke: e[2] >= 0 ? data.colours.positive : data.colours.negative,
+        'stroke-width': (0.4 + 3.6 * Math.abs(e[2]) / biggest).toFixed(2),
+        'class': 'edge' + (state.selected !== null && !touches ? ' faded' : '')
+      }, edgeLayer);
+    });
+    shown.forEach(function (i) {
+      var p = placed.where.get(i), n = nodes[i];
+      var cls = 'node ' + n.kind + (i === state.selected ? ' selected' : '') +
+        (state.selected !== null && !near.has(i) ? ' faded' : '');
+      var g = el('g', { transform: 'translate(' + p[0] + ',' + p[1] + ')', 'class': cls, 'data-id': n.id }, nodeLayer);
+      drawNode(g, n);
+      g.addEventListener('click', function (ev) { ev.stopPropagation(); select(i); });
+      g.addEventListener('mousemove', function (ev) { showTip(ev, n.desc); });
+      g.addEventListener('mouseleave', hideTip);
+    });
+    $('threshold-value').textContent = state.threshold.toFixed(2);
+    $('edges-value').textContent = String(state.maxEdges);
+    $('counts').textContent = shown.size + ' of ' + nodes.length + ' nodes, ' + picked.length + ' of ' +
+      meta.n_edges + ' edges drawn' + (meta.n_edges > edges.length ? ' (page holds the ' + edges.length +
+      ' most important edges)' : '');
+    document.body.setAttribute('data-visible-nodes', String(shown.size));
+    document.body.setAttribute('data-drawn-edges', String(picked.length));
+  }
+
+  function showTip(ev, text) {
+    var tip = $('tooltip');
+    tip.textContent = text;
+    tip.style.display = 'block';
+    tip.style.left = Math.min(ev.clientX + 14, window.innerWidth - 430) + 'px';
+    tip.style.top = (ev.clientY + 14) + 'px';
+  }
+  function hideTip() { $('tooltip').style.display = 'none'; }
+
+  function table(title, list, end, total) {
+    var box = $('details');
+    var h = document.createElement('h2');
+    h.textContent = title + ' (' + list.length + ')';
+    box.appendChild(h);
+    if (!list.length) {
+      var none = document.createElement('div');
+      none.className = 'hint';
+      none.textContent = meta.n_edges > edges.length ? 'none among the edges this page holds' : 'none';
+      box.appendChild(none);
+      return;
+    }
+    var t = document.createElement('table');
+    t.id = title.toLowerCase();
+    list.slice().sort(function (a, b) { return Math.abs(edges[b][2]) - Math.abs(edges[a][2]); })
+      .slice(0, 40).forEach(function (k) {
+        var other = edges[k][end], w = edges[k][2], row = t.insertRow();
+        row.className = 'link';
+        row.insertCell().textContent = nodes[other].l1 + ' ' + nodes[other].l2;
+        var cell = row.insertCell();
+        cell.className = 'num ' + (w >= 0 ? 'pos' : 'neg');
+        cell.textContent = (w >= 0 ? '+' : '') + fmt(w);
+        var share = row.insertCell();
+        share.className = 'num';
+        share.textContent = total ? (100 * Math.abs(w) / total).toFixed(1) + '%' : '';
+        row.title = nodes[other].desc;
+        row.addEventListener('click', function () { select(other); });
+      });
+    box.appendChild(t);
+    if (list.length > 40) {
+      var more = document.createElement('div');
+      more.className = 'hint';
+      more.textContent = '+' + (list.length - 40) + ' weaker';
+      box.appendChild(more);
+    }
+  }
+
+  function remember(hash) {  // keep the selection in the address; some browsers refuse this for files
+    try { history.replaceState(null, '', hash); } catch (e) { /* the page works without it */ }
+  }
+
+  function absTotal(list) { return list.reduce(function (s, k) { return s + Math.abs(edges[k][2]); }, 0); }
+
+  function select(i) {
+    state.selected = i;
+    var box = $('details');
+    while (box.firstChild) { box.removeChild(box.firstChild); }
+    if (i === null) {
+      box.textContent = 'Click a node to see its inputs and outputs.';
+      remember('#');
+    } else {
+      var h = document.createElement('h2');
+      h.textContent = nodes[i].l1 + ' ' + nodes[i].l2;
+      box.appendChild(h);
+      var d = document.createElement('div');
+      d.textContent = nodes[i].desc;
+      box.appendChild(d);
+      table('Inputs', ins[i], 0, absTotal(ins[i]));
+      table('Outputs', outs[i], 1, absTotal(outs[i]));
+      remember('#node=' + encodeURIComponent(nodes[i].id));
+    }
+    render();
+    if (i !== null) { reveal(i); }
+  }
+
+  function reveal(i) {  // scroll the canvas so that node i is in view
+    var p = lastPlaced.where.get(i), canvas = $('canvas');
+    canvas.scrollLeft = Math.max(0, p[0] * state.zoom - canvas.clientWidth / 2);
+    canvas.scrollTop = Math.max(0, p[1] * state.zoom - canvas.clientHeight / 2);
+  }
+
+  function fit() {  // zoom so the whole drawing fits the canvas's width, within [0.6, 1]
+    var placed = layout(visible());
+    state.zoom = Math.max(0.6, Math.min(1, $('canvas').clientWidth / placed.width));
+  }
+
+  $('title').textContent = meta.prompt;
+  $('meta').textContent = meta.summary;
+  $('threshold').value = state.threshold;
+  $('edges').value = state.maxEdges;
+  $('edges').max = Math.max(50, Math.min(edges.length, 5000));
+  $('threshold').addEventListener('input', function (e) { state.threshold = +e.target.value; render(); });
+  $('edges').addEventListener('input', function (e) { state.maxEdges = +e.target.value; render(); });
+  $('zoom-in').addEventListener('click', function () { state.zoom *= 1.25; render(); });
+  $('zoom-out').addEventListener('click', function () { state.zoom /= 1.25; render(); });
+  $('canvas').addEventListener('click', function () { if (state.selected !== null) { select(null); } });
+  document.addEventListener('keydown', function (e) { if (e.key === 'Escape') { select(null); } });
+  $('zoom-fit').addEventListener('click', function () { fit(); render(); });
+  fit();
+  var wanted = decodeURIComponent((location.hash.match(/^#node=(.*)$/) || [])[1] || '');
+  select(index.has(wanted) ? index.get(wanted) : null);
+  if (document.body.getAttribute('data-state') !== 'error') { document.body.setAttribute('data-state', 'ready'); }
+})();
+"""
