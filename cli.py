@@ -145,7 +145,7 @@ def dictionaries_convert(src: str, dst: str, from_format: str, force: bool, mode
 @click.option("--harvest-batch", type=int, default=16, show_default=True, help="Contexts per forward pass.")
 @click.option("--lr", type=float, default=None, help="Adam learning rate (default 2e-4 * sqrt(16384 / width)).")
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--aux-k", type=int, default=None, help="AuxK: dead features per token (default d_model // 2).")
+@click.option("--aux-k", type=int, default=None, help="AuxK: dead features per token (default min(d_model / 2, 4 x L0)).")
 @click.option("--dead-after-tokens", type=int, default=None, help="A feature idle this many tokens is dead.")
 @click.option("--cache", "cache_dir", type=click.Path(), default=None, help="Activation cache directory (reused).")
 @click.option("--checkpoint-every", type=int, default=500, show_default=True, help="Steps between checkpoints.")

@@ -6,7 +6,7 @@ without a feature budget and with a 7,500-feature budget. Each case runs in a fr
 peak RSS is its own.
 
     python benchmarks/attribution.py            # all cases
-    python benchmarks/attribution.py --case 6   # one case: 6, 33, 33-budget, 128
+    python benchmarks/attribution.py --case 6   # one case: 6, 33, 33-budget, 128-budget
 """
 
 from __future__ import annotations
@@ -39,7 +39,8 @@ PROMPTS = {
         "students and young families who work in the"
     ),
 }
-CASES = {"6": ("6", None), "33": ("33", None), "33-budget": ("33", 7500), "128": ("128", None), "128-budget": ("128", 7500)}
+# 128 tokens without a budget would store ~5e9 edges (~20 GB in float32): measured with the budget only.
+CASES = {"6": ("6", None), "33": ("33", None), "33-budget": ("33", 7500), "128-budget": ("128", 7500)}
 
 
 def calibrated_transcoders(lm, width: int = WIDTH, active: int = ACTIVE_PER_TOKEN, seed: int = 0):

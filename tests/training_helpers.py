@@ -1,0 +1,51 @@
+"""Shared pieces of the training and evaluation tests: a small text file, a fast config, one thread.
+
+Import the fixtures into a test module (``from training_helpers import single_thread, text_file``);
+``single_thread`` is autouse there: tiny models run faster on one thread, and two OpenMP threads on a
+busy two-core machine can slow a step down by orders of magnitude.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import WORDS
+
+from dictionaries.training import make_config
+
+
+@pytest.fixture(autouse=True)
+def single_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def write_text(path: Path, documents: int = 300, seed: int = 0) -> Path:
+    """Documents of 5-40 random words of the tiny vocabulary, separated by blank lines."""
+    rng = random.Random(seed)
+    path.write_text("\n\n".join(" ".join(rng.choice(WORDS) for _ in range(rng.randint(5, 40))) for _ in range(documents)))
+    return path
+
+
+@pytest.fixture(scope="session")
+def text_file(tmp_path_factory) -> Path:
+    return write_text(tmp_path_factory.mktemp("text") / "text.txt")
+
+
+def fast_config(model_dir, text, out, **overrides):
+    """A config for the tiny model: 16-token contexts, batches of 256 tokens, blocks of 4 batches."""
+    settings = dict(
+        model=str(model_dir), kind="transcoder", width=32, activation="topk", k=8, tokens=256 * 10,
+        data=str(text), context_length=16, batch_tokens=256, buffer_batches=4, harvest_batch=8, out=str(out),
+        lr=0.01, progress=False,
+    )
+    settings.update(overrides)
+    if settings["activation"] == "jumprelu":
+        settings.pop("k", None)
+        settings.setdefault("target_l0", 8)
+    return make_config(**settings)
