@@ -45,7 +45,6 @@ CASES = {"6": ("6", None), "33": ("33", None), "33-budget": ("33", 7500), "128-b
 
 def calibrated_transcoders(lm, width: int = WIDTH, active: int = ACTIVE_PER_TOKEN, seed: int = 0):
     """Random per-layer JumpReLU transcoders whose thresholds leave ``active`` features on per token."""
-    import torch
 
     from dictionaries.assembly import random_dictionary_set
     from dictionaries.hook_sites import record_mlp_io

@@ -12,6 +12,8 @@ The module-level helpers below can also be imported (``from conftest import make
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -150,3 +152,22 @@ def tiny_lm(tiny_checkpoint_dir):
 def tiny_mm_lm(make_tiny_lm):
     """A tiny ``Gemma3ForConditionalGeneration`` (text stack under ``model.language_model``) as a LoadedModel."""
     return make_tiny_lm(multimodal=True, seed=1)
+
+
+@contextmanager
+def torch_threads(count: int) -> Iterator[None]:
+    """Run with ``count`` torch threads, restoring the previous setting. Tiny models run several times faster
+    on one thread, and do not spin-wait when other processes share the 2 cores."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def one_thread_per_module():
+    """Use with ``pytestmark = pytest.mark.usefixtures("one_thread_per_module")``."""
+    with torch_threads(1):
+        yield

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 from click.testing import CliRunner
 from conftest import PROMPT
 
@@ -30,14 +29,7 @@ def dictionary_dirs(tmp_path_factory):
     return {name: str(save_native(d, root / name)) for name, d in dirs.items()}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run several times faster on one thread, and do not spin-wait when other processes share
-    the cores; the previous setting is restored afterwards."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread_per_module")
 
 
 def _trace(*args):

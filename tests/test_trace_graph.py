@@ -30,14 +30,7 @@ from dictionaries.hook_sites import record_mlp_io
 NODE_FIELDS = set(NodeData.model_fields) - {"id"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run several times faster on one thread, and do not spin-wait when other processes share
-    the cores; the previous setting is restored afterwards."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread_per_module")
 
 
 @pytest.fixture(scope="module")

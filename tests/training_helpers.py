@@ -12,17 +12,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import WORDS
+from conftest import WORDS, torch_threads
 
 from dictionaries.training import make_config
 
 
 @pytest.fixture(autouse=True)
 def single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with torch_threads(1):
+        yield
 
 
 def write_text(path: Path, documents: int = 300, seed: int = 0) -> Path:
