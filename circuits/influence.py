@@ -58,8 +58,11 @@ class GraphScores:
     completeness: float
 
 
-def graph_scores(blocks: Sequence[RowBlock], layout: NodeLayout, weights: torch.Tensor) -> GraphScores:
-    influence = node_influence(blocks, layout, weights)
+def graph_scores(blocks: Sequence[RowBlock], layout: NodeLayout, weights: torch.Tensor,
+                 influence: torch.Tensor | None = None) -> GraphScores:
+    """Scores of the graph ``blocks`` describe; ``influence`` may pass in its node influence if already known."""
+    if influence is None:
+        influence = node_influence(blocks, layout, weights)
     kind = layout.kind.to(weights.device)
     token_influence = influence[kind == TOKEN].sum()
     error_influence = influence[kind == ERROR].sum()

@@ -42,7 +42,6 @@ class FrozenLinearBackward:
 
     def __init__(self, lm: LoadedModel, clean: CleanRun, dicts: DictionarySet, constant_positions: torch.Tensor,
                  device: torch.device):
-        self.device = device
         config = lm.config
         self.n_heads = int(config.num_attention_heads)
         self.n_kv = int(config.num_key_value_heads)

@@ -42,7 +42,8 @@ def trace(
     folded_away = torch.zeros(layout.n_nodes, dtype=torch.bool)
     for group in groups:
         folded_away[layout.feature_node[group.features[1:]]] = True
-    unpruned = graph_scores(result.blocks, layout, weights)
+    # without remainders folding changed nothing, so the influence already computed is the unpruned one
+    unpruned = graph_scores(result.blocks, layout, weights, None if groups else influence_before_folding)
     pruned = prune(result.blocks, layout, weights, settings.node_threshold, settings.edge_threshold, folded_away,
                    influence=remainder_influence(influence_before_folding, layout, groups))
     kept = graph_scores(pruned.blocks, layout, weights)
@@ -76,7 +77,6 @@ def trace(
 def _build_networkx(result: Attribution, pruned: PrunedGraph, groups: list[RemainderGroup]) -> nx.DiGraph:
     layout = result.layout
     features = result.replacement.features
-    n_layers = len(result.clean.layers)
     feature_of_node = {int(node): k for k, node in enumerate(layout.feature_node.tolist())}
     group_of_node = {g.node: g for g in groups}
     target_nodes = layout.target_nodes
@@ -131,7 +131,6 @@ def _build_networkx(result: Attribution, pruned: PrunedGraph, groups: list[Remai
         graph.add_node(ids[node], **NodeData(id=ids[node], **attrs).model_dump(exclude={"id"}))
     for source, target, weight in edges:
         graph.add_edge(ids[source], ids[target], weight=weight)
-    assert all(graph.nodes[n]["layer"] <= n_layers for n in graph.nodes)
     return graph
 
 
