@@ -7,7 +7,7 @@ repository names. A model loaded from a directory or hub id is matched to its en
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 Variant = Literal["pt", "it"]
@@ -37,6 +37,9 @@ class ModelSize:
     d_mlp: int
     multimodal: bool
     hub_ids: dict[str, str]
+    # Dictionary sets shipped inside the package for this size, by variant: a folder name under
+    # dictionaries/bundled_sets/ (see dictionaries/bundled.py). Sizes without one need --dictionaries.
+    bundled_dictionaries: dict[str, str] = field(default_factory=dict)
 
     def hub_id(self, variant: Variant) -> str:
         return self.hub_ids[variant]
@@ -62,7 +65,8 @@ GEMMA3 = ModelFamily(
     name="gemma-3",
     sizes=(
         ModelSize("270m", 18, 640, 2048, False,
-                  {"pt": "google/gemma-3-270m", "it": "google/gemma-3-270m-it"}),
+                  {"pt": "google/gemma-3-270m", "it": "google/gemma-3-270m-it"},
+                  bundled_dictionaries={"pt": "gemma-3-270m-skip-transcoders"}),
         ModelSize("1b", 26, 1152, 6912, False,
                   {"pt": "google/gemma-3-1b-pt", "it": "google/gemma-3-1b-it"}),
         ModelSize("4b", 34, 2560, 10240, True,
@@ -100,6 +104,11 @@ class ModelEntry:
     @property
     def gemma_scope_repo(self) -> str:
         return self.size.gemma_scope_repo(self.variant)
+
+    @property
+    def bundled_dictionaries(self) -> str | None:
+        """The folder name of the dictionary set shipped for this model, or None."""
+        return self.size.bundled_dictionaries.get(self.variant)
 
 
 def all_entries() -> list[ModelEntry]:

@@ -140,3 +140,52 @@ def test_missing_dictionaries_and_model(tmp_path, tiny_checkpoint_dir, dictionar
     result = _trace(PROMPT, "--model", str(tmp_path / "no-model"), "--dictionaries", dictionary_dirs["transcoder"],
                     "-o", str(tmp_path / "g.json"))
     _assert_user_error(result)
+
+
+def test_out_dir_gets_the_json_svg_and_html(tmp_path, tiny_checkpoint_dir, dictionary_dirs):
+    out = tmp_path / "results"
+    result = _trace(PROMPT, "--model", str(tiny_checkpoint_dir), "--dictionaries", dictionary_dirs["transcoder"],
+                    "--out", str(out))
+    assert result.exit_code == 0, (result.output, result.exception)
+    assert sorted(p.name for p in out.iterdir()) == ["graph.html", "graph.json", "graph.svg"]
+    graph = AttributionGraph.load(out / "graph.json")
+    svg = (out / "graph.svg").read_text()
+    assert svg.lstrip().startswith("<?xml") and "<svg" in svg
+    assert graph.metadata.prompt in (out / "graph.html").read_text()
+
+
+def test_named_json_puts_the_drawings_beside_it_and_no_drawings_writes_only_json(tmp_path, tiny_checkpoint_dir,
+                                                                                dictionary_dirs):
+    args = [PROMPT, "--model", str(tiny_checkpoint_dir), "--dictionaries", dictionary_dirs["transcoder"]]
+    result = _trace(*args, "-o", str(tmp_path / "a" / "run1.json"))
+    assert result.exit_code == 0, (result.output, result.exception)
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["run1.html", "run1.json", "run1.svg"]
+    result = _trace(*args, "--out", str(tmp_path / "b"), "--no-drawings")
+    assert result.exit_code == 0, (result.output, result.exception)
+    assert [p.name for p in (tmp_path / "b").iterdir()] == ["graph.json"]
+
+
+def test_a_checkpoint_directory_without_dictionaries_asks_for_them(tmp_path, tiny_checkpoint_dir):
+    result = _trace(PROMPT, "--model", str(tiny_checkpoint_dir), "--out", str(tmp_path))
+    _assert_user_error(result, "--dictionaries")
+    assert not (tmp_path / "graph.json").exists()
+
+
+def test_a_bfloat16_set_is_traced_in_the_models_float32(tmp_path, tiny_checkpoint_dir, dictionary_dirs):
+    """The shipped set is stored in bfloat16; tracing it must give exactly the graph of the same weights held
+    in float32 (features encoded in float32, not rounded to bfloat16 first)."""
+    import torch
+
+    from dictionaries.native_format import load_native
+
+    bf16 = save_native(load_native(dictionary_dirs["transcoder"], dtype=torch.bfloat16), tmp_path / "bf16")
+    f32 = save_native(load_native(bf16, dtype=torch.float32), tmp_path / "f32")
+    graphs = []
+    for name, path in (("bf16", bf16), ("f32", f32)):
+        result = _trace(PROMPT, "--model", str(tiny_checkpoint_dir), "--dictionaries", str(path),
+                        "-o", str(tmp_path / f"{name}.json"), "--no-drawings")
+        assert result.exit_code == 0, (result.output, result.exception)
+        graphs.append(AttributionGraph.load(tmp_path / f"{name}.json").graph)
+    assert set(graphs[0].edges) == set(graphs[1].edges)
+    for edge in graphs[0].edges:
+        assert graphs[0].edges[edge]["weight"] == graphs[1].edges[edge]["weight"]

@@ -1,0 +1,125 @@
+"""``circuitscope query GRAPH paths|node|top|search|compare``."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+from dictionaries.errors import CircuitscopeError
+
+from .app import Group, main
+
+
+@main.group("query", cls=Group)
+@click.argument("graph_path", metavar="GRAPH.json")
+@click.pass_context
+def query(ctx: click.Context, graph_path: str) -> None:
+    """Ask a graph JSON file questions: paths, node, top, search, compare (tables, or --json)."""
+    from circuits.graph import AttributionGraph
+
+    ctx.obj = AttributionGraph.load(graph_path)
+
+
+_json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+
+
+def _emit(as_json: bool, data, text: str) -> None:
+    import dataclasses
+
+    if as_json:
+        if dataclasses.is_dataclass(data):
+            data = dataclasses.asdict(data)
+        elif isinstance(data, list):
+            data = [dataclasses.asdict(d) if dataclasses.is_dataclass(d) else d for d in data]
+        click.echo(json.dumps(data))
+    else:
+        click.echo(text)
+
+
+@query.command("paths")
+@click.option("--target", default=None, help="Target node id (default: the most likely logit).")
+@click.option("-k", "k", default=5, show_default=True, help="How many paths.")
+@_json_option
+@click.pass_obj
+def query_paths(graph, target, k, as_json) -> None:
+    """The strongest paths from token nodes to a target (product of normalised edge weights)."""
+    from circuits.paths import strongest_paths
+    from viz.tables import paths_table
+
+    paths = strongest_paths(graph, target, k)
+    _emit(as_json, paths, paths_table(graph, paths))
+
+
+@query.command("node")
+@click.argument("node_id")
+@click.option("--top", default=15, show_default=True, help="Inputs and outputs listed on each side.")
+@_json_option
+@click.pass_obj
+def query_node(graph, node_id, top, as_json) -> None:
+    """A node's attributes, its direct inputs and the nodes it drives, ranked, with signs."""
+    from circuits.queries import node_report
+    from viz.tables import node_text
+
+    report = node_report(graph, node_id, top)
+    _emit(as_json, report, node_text(graph, report))
+
+
+def _node_rows(graph, nodes) -> list[dict]:
+    from circuits.graph import NodeData
+
+    return [NodeData(id=n, **graph.graph.nodes[n]).model_dump() for n in nodes]
+
+
+_KINDS = click.Choice(["token", "feature", "error", "remainder", "logit", "supernode"])
+
+
+@query.command("top")
+@click.option("-n", "n", default=20, show_default=True, help="How many nodes.")
+@click.option("--kind", type=_KINDS, default=None, help="Only nodes of this kind.")
+@_json_option
+@click.pass_obj
+def query_top(graph, n, kind, as_json) -> None:
+    """The most influential nodes."""
+    from circuits.queries import top_nodes
+    from viz.tables import nodes_table
+
+    nodes = top_nodes(graph, n, kind)
+    _emit(as_json, _node_rows(graph, nodes), nodes_table(graph, nodes))
+
+
+@query.command("search")
+@click.option("--label", default=None, help="Label contains this text.")
+@click.option("--token", default=None, help="The token at the node's position (or a logit's token) contains this.")
+@click.option("--layer", type=int, default=None, help="In this layer.")
+@click.option("--feature", default=None, help="Feature index (any layer) or feature key LAYER:INDEX.")
+@click.option("--kind", type=_KINDS, default=None, help="Of this kind.")
+@_json_option
+@click.pass_obj
+def query_search(graph, label, token, layer, feature, kind, as_json) -> None:
+    """Nodes that match every term given, most influential first."""
+    from circuits.queries import NodeQuery, search_nodes
+    from viz.tables import nodes_table
+
+    if feature is not None and ":" not in feature:
+        if not feature.isdigit():
+            raise CircuitscopeError(f"--feature {feature!r}: give an index such as 17 or a key such as 3:17")
+        feature = int(feature)
+    nodes = search_nodes(graph, NodeQuery(label=label, token=token, layer=layer, feature=feature, kind=kind))
+    _emit(as_json, _node_rows(graph, nodes), nodes_table(graph, nodes) if nodes else "no node matches")
+
+
+@query.command("compare")
+@click.argument("other_path", metavar="OTHER.json")
+@click.option("--top", default=10, show_default=True, help="Entries listed per section.")
+@click.option("--by-node", is_flag=True, help="Match node ids (same prompt) instead of position-free identities.")
+@_json_option
+@click.pass_obj
+def query_compare(graph, other_path, top, by_node, as_json) -> None:
+    """Compare with OTHER.json: shared features, edges that appear, vanish or change most."""
+    from circuits.compare import compare_graphs
+    from circuits.graph import AttributionGraph
+    from viz.tables import comparison_text
+
+    result = compare_graphs(graph, AttributionGraph.load(other_path), top, "node" if by_node else "feature")
+    _emit(as_json, result, comparison_text(result))

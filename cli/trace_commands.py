@@ -1,0 +1,150 @@
+"""``circuitscope trace`` (prompt -> graph JSON and its drawings) and ``circuitscope render``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from dictionaries.errors import CircuitscopeError
+
+from .app import main
+
+
+@main.command("trace")
+@click.argument("prompt")
+@click.option("--model", default="gemma-3-270m", show_default=True, help="Model name, checkpoint directory or hub id.")
+@click.option("--dictionaries", "dictionaries_path", default=None,
+              help="Dictionary set: a directory (native, Gemma Scope 2 or circuit-tracer) or hub id/subfolder "
+                   "(default: the set shipped for --model).")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), default=".", show_default=True,
+              help="Folder for graph.json, graph.svg and graph.html.")
+@click.option("-o", "--output", default=None, help="Name the graph JSON instead (drawings go next to it: X.svg, X.html).")
+@click.option("--no-drawings", is_flag=True, help="Write only the JSON (no SVG, no HTML).")
+@click.option("--max-logits", default=10, show_default=True, help="At most this many logit targets.")
+@click.option("--logit-prob", default=0.95, show_default=True, help="Cumulative probability of the logit targets.")
+@click.option("--target", "targets", multiple=True, help="Attribute this token's logit (repeatable), e.g. ' Paris'.")
+@click.option("--logit-diff", nargs=2, default=None, help="Attribute logit(A) - logit(B) of two tokens.")
+@click.option("--position", type=int, default=None, help="Token position whose next-token logits are attributed.")
+@click.option("--max-features", type=int, default=None, help="Feature budget (default: expand every active feature).")
+@click.option("--batch-size", default=64, show_default=True, help="Targets per backward batch.")
+@click.option("--node-threshold", default=0.8, show_default=True, help="Cumulative node influence kept by pruning.")
+@click.option("--edge-threshold", default=0.98, show_default=True, help="Cumulative edge influence kept by pruning.")
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), default="float32", show_default=True)
+@click.option("--device", default=None, help="cpu (default) or cuda.")
+@click.option("--chat", is_flag=True, help="Wrap the prompt in the tokenizer's chat template (for -it models).")
+@click.option("--keep-unpruned", is_flag=True, help="Also store what pruning removed (big for real models).")
+@click.option("--svg", "svg_path", default=None, help="Write the SVG here instead (needs graphviz).")
+@click.option("--html", "html_path", default=None, help="Write the interactive HTML page here instead.")
+@click.option("--neuronpedia", "np_path", default=None, help="Also export JSON for the Neuronpedia graph frontend.")
+def trace_command(prompt, model, dictionaries_path, out_dir, output, no_drawings, max_logits, logit_prob, targets, logit_diff, position,
+                  max_features, batch_size, node_threshold, edge_threshold, dtype, device, chat, keep_unpruned,
+                  svg_path, html_path, np_path) -> None:
+    """Trace PROMPT: write its attribution graph as graph.json, graph.svg and graph.html.
+
+    With no options: the default model (the real Gemma 3 270M) and the dictionaries shipped for it.
+    """
+    import time
+
+    from pydantic import ValidationError
+
+    from circuits.settings import TraceSettings
+    from circuits.tracing import trace
+    from dictionaries.formats import load_dictionaries
+    from dictionaries.hub import resolve_dictionary_path
+    from dictionaries.model_loading import load_model
+
+    start = time.perf_counter()
+    try:
+        settings = TraceSettings(
+            max_logits=max_logits, logit_prob=logit_prob, targets=list(targets) or None, logit_diff=logit_diff,
+            position=position, max_features=max_features, batch_size=batch_size, node_threshold=node_threshold,
+            edge_threshold=edge_threshold, dtype=dtype, chat=chat, keep_unpruned=keep_unpruned,
+        )
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        raise CircuitscopeError(f"bad setting {'.'.join(map(str, first['loc']))}: {first['msg']}") from None
+    if not prompt.strip():
+        raise CircuitscopeError("The prompt is empty; pass some text to trace.")
+    output, svg_path, html_path = _output_paths(Path(out_dir), output, svg_path, html_path, no_drawings)
+    if dictionaries_path is None:
+        from dictionaries.bundled import default_dictionaries_path
+
+        dictionaries_path = str(default_dictionaries_path(model))
+    lm = load_model(model, dtype=dtype, device=device)
+    # In the model's dtype: a set stored in bfloat16 (the shipped one) is traced in float32 with a float32 model.
+    dicts = load_dictionaries(resolve_dictionary_path(dictionaries_path), dtype=lm.dtype)
+    dicts.check_fits(lm.n_layers, lm.d_model, lm.name)
+    graph = trace(lm, dicts, prompt, settings, progress=True, dictionaries_source=dictionaries_path)
+    graph.save(output)
+    _write_exports(graph, svg_path=svg_path, html_path=html_path, np_path=np_path)
+    meta = graph.metadata
+    click.echo(f"prompt     {meta.tokens}")
+    click.echo(f"graph      {graph.graph.number_of_nodes()} nodes, {graph.graph.number_of_edges()} edges "
+               f"({meta.n_active_features} active features, {meta.n_expanded_features} expanded) -> {output}")
+    click.echo(f"scores     replacement {meta.scores.replacement:.3f}, completeness {meta.scores.completeness:.3f} "
+               f"(unpruned {meta.scores.replacement_unpruned:.3f}, {meta.scores.completeness_unpruned:.3f})")
+    logits = sorted(graph.logit_nodes, key=lambda n: -(graph.graph.nodes[n]["probability"] or 0))
+    shown = ", ".join(f"{graph.graph.nodes[n]['token']!r} {graph.graph.nodes[n]['probability']:.3f}" for n in logits)
+    click.echo(f"logits     {shown}")
+    click.echo(f"time       {time.perf_counter() - start:.1f} s (attribution {meta.timings.get('total', 0):.1f} s)")
+
+
+def _output_paths(out_dir: Path, output: str | None, svg_path: str | None, html_path: str | None,
+                  no_drawings: bool) -> tuple[str, str | None, str | None]:
+    """Where the JSON, SVG and HTML go. Drawings asked for by name must be possible (graphviz is checked now,
+    before the long work); the default SVG is left out with a note when graphviz is not installed."""
+    from viz.svg import require_graphviz
+
+    json_path = Path(output) if output else out_dir / "graph.json"
+    stem = json_path.with_suffix("") if json_path.suffix.lower() == ".json" else json_path
+    if svg_path:
+        require_graphviz()
+    elif not no_drawings:
+        try:
+            require_graphviz()
+            svg_path = str(stem.with_name(stem.name + ".svg"))
+        except CircuitscopeError as missing:
+            click.echo(f"note: no SVG ({missing})", err=True)
+    if not html_path and not no_drawings:
+        html_path = str(stem.with_name(stem.name + ".html"))
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    return str(json_path), svg_path, html_path
+
+
+def _write_exports(graph, svg_path=None, html_path=None, np_path=None, limits=None) -> None:
+    """Write each export that has a path and say where it went."""
+    if svg_path:
+        from viz.svg import save_svg
+
+        click.echo(f"svg        {save_svg(graph, svg_path, limits)}")
+    if html_path:
+        from viz.html import save_html
+
+        click.echo(f"html       {save_html(graph, html_path)}")
+    if np_path:
+        from circuits.neuronpedia import save_neuronpedia
+
+        click.echo(f"neuronpedia {save_neuronpedia(graph, np_path)}")
+
+
+@main.command("render")
+@click.argument("graph_path", metavar="GRAPH.json")
+@click.option("-o", "--output", required=True,
+              help="OUT.svg (graphviz drawing), OUT.html (interactive page) or OUT.np.json (Neuronpedia frontend).")
+@click.option("--max-nodes", default=120, show_default=True, help="SVG: nodes drawn besides tokens and logits.")
+@click.option("--max-edges", default=400, show_default=True, help="SVG: edges drawn, most important first.")
+def render_command(graph_path: str, output: str, max_nodes: int, max_edges: int) -> None:
+    """Render a graph JSON file as SVG or interactive HTML, or export it for Neuronpedia."""
+    from circuits.graph import AttributionGraph
+    from viz.selection import DrawLimits
+
+    name = output.lower()
+    kind = next((k for k in (".np.json", ".svg", ".html") if name.endswith(k)), None)
+    if kind is None:
+        raise CircuitscopeError(f"{output}: name the output OUT.svg, OUT.html or OUT.np.json")
+    if max_nodes < 1 or max_edges < 0:
+        raise CircuitscopeError("--max-nodes must be >= 1 and --max-edges >= 0")
+    graph = AttributionGraph.load(graph_path)
+    paths = {".svg": "svg_path", ".html": "html_path", ".np.json": "np_path"}
+    _write_exports(graph, limits=DrawLimits(max_nodes=max_nodes, max_edges=max_edges), **{paths[kind]: output})
