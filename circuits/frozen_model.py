@@ -47,6 +47,28 @@ def _frozen_attention(pattern: torch.Tensor):
     return hook
 
 
+def add_freezing_hooks(stack: ExitStack, lm: LoadedModel, clean: CleanRun, *, attention: bool = True,
+                       norms: bool = True) -> None:
+    """Register on ``stack`` (removed when it closes) hooks that fix, to their values in ``clean``, every
+    attention pattern (``attention``: each attention output becomes the clean pattern [H, P, P] applied to
+    the live values) and every residual-stream RMSNorm scale (``norms``: input, post-attention,
+    pre-feedforward and final norms output ``x * r_clean * (1 + w)``). The run must have ``clean``'s length.
+    Hooks registered on the same modules afterwards see the frozen outputs."""
+    def add(module, hook, **kwargs):
+        stack.callback(module.register_forward_hook(hook, **kwargs).remove)
+
+    for index, (layer, record) in enumerate(zip(lm.layers, clean.layers)):
+        if norms:
+            add(layer.input_layernorm, _frozen_norm(record.r_input))
+        if attention:
+            add(layer.self_attn, _frozen_attention(record.pattern), with_kwargs=True)
+        if norms:
+            add(layer.post_attention_layernorm, _frozen_norm(record.r_post_attention))
+            add(lm.mlp_input_module(index), _frozen_norm(record.r_pre_feedforward))
+    if norms:
+        add(lm.text_model.norm, _frozen_norm(clean.r_final))
+
+
 def run_frozen(
     lm: LoadedModel,
     clean: CleanRun,
@@ -88,18 +110,11 @@ def run_frozen(
 
     embeds = (clean.embeddings * embedding_scale[:, None])[None].to(lm.dtype)
     with ExitStack() as stack:
-        def add(module, hook, **kwargs):
-            stack.callback(module.register_forward_hook(hook, **kwargs).remove)
-
-        for index, (layer, record) in enumerate(zip(lm.layers, clean.layers)):
-            add(layer.input_layernorm, _frozen_norm(record.r_input))
-            add(layer.self_attn, _frozen_attention(record.pattern), with_kwargs=True)
-            add(layer.post_attention_layernorm, _frozen_norm(record.r_post_attention))
-            add(lm.mlp_input_module(index), _frozen_norm(record.r_pre_feedforward))
-            add(lm.mlp_input_module(index), capture(index))
-            add(lm.mlp_output_module(index), mlp_hook(index))
-        add(lm.text_model.norm, _frozen_norm(clean.r_final))
-        add(lm.text_model.norm, capture(-1))
+        add_freezing_hooks(stack, lm, clean)
+        for index in range(n_layers):
+            stack.callback(lm.mlp_input_module(index).register_forward_hook(capture(index)).remove)
+            stack.callback(lm.mlp_output_module(index).register_forward_hook(mlp_hook(index)).remove)
+        stack.callback(lm.text_model.norm.register_forward_hook(capture(-1)).remove)
         with torch.no_grad():
             lm.text_model(inputs_embeds=embeds, use_cache=False)
     return FrozenOutputs(

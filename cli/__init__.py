@@ -8,3 +8,4 @@ from . import dictionaries_commands, query_commands, trace_commands  # noqa: F40
 from .app import main
 
 __all__ = ["main"]
+from . import intervene_command  # noqa: E402,F401
