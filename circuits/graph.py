@@ -13,7 +13,10 @@ Every node carries ``kind``, ``layer`` (-1 for tokens, n_layers for logits), ``p
 incoming edges plus constants add up to). Edge (s -> t) carries ``weight``: the direct effect of s on t.
 
 Schema history: 1, the pruned graph; 2 (a superset: version 1 files still load) adds ``supernode`` nodes
-with ``children`` and the optional ``unpruned`` section (:class:`UnprunedSection`).
+with ``children`` and the optional ``unpruned`` section (:class:`UnprunedSection`); 3 (a superset of 2)
+adds ``metadata.feature_info``: per feature key, what the dictionaries' labels say about the feature
+(:class:`FeatureInfo`: its label, activation frequency, top contexts, promoted and suppressed tokens), so
+that a graph renders its features' contexts without the dictionaries.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from dictionaries.errors import CircuitscopeError
 from .settings import TraceSettings
 
 GRAPH_FORMAT = "circuitscope.graph"
-GRAPH_SCHEMA_VERSION = 2
+GRAPH_SCHEMA_VERSION = 3
 NodeKind = Literal["token", "feature", "error", "remainder", "logit", "supernode"]
 
 
@@ -81,6 +84,32 @@ class DictionaryInfo(BaseModel):
     source: str | None = None
 
 
+class FeatureContext(BaseModel):
+    """A top-activating context of a feature: ``tokens`` around its maximum, the feature's ``activations``
+    on them, and ``peak``, the index of the maximum in ``tokens``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    tokens: list[str]
+    activations: list[float]
+    peak: int
+
+
+class FeatureInfo(BaseModel):
+    """What a dictionary set's labels (:mod:`dictionaries.labels`) say about one feature: ``frequency`` (share
+    of corpus tokens where it is active), ``mean_activation`` (when active), ``contexts`` (strongest first)
+    and the tokens its decoder ``promoted`` and ``suppressed`` most (strongest first)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    label: str
+    frequency: float
+    mean_activation: float
+    contexts: list[FeatureContext] = []
+    promoted: list[str] = []
+    suppressed: list[str] = []
+
+
 class GraphMetadata(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -96,6 +125,7 @@ class GraphMetadata(BaseModel):
     n_active_features: int
     n_expanded_features: int
     timings: dict[str, float] = {}
+    feature_info: dict[str, FeatureInfo] = {}  # feature key "layer:index" -> labels (schema 3)
 
 
 class UnprunedSection(BaseModel):

@@ -11,10 +11,12 @@ import networkx as nx
 import torch
 
 from dictionaries.dictionary_set import DictionarySet
+from dictionaries.labels import FeatureLabels, fingerprint
 from dictionaries.model_loading import LoadedModel
 
 from .attribution import Attribution, attribute
 from .graph import AttributionGraph, DictionaryInfo, GraphMetadata, NodeData, Scores
+from .graph_labels import label_graph
 from .influence import graph_scores, node_influence
 from .node_layout import ERROR, FEATURE, LOGIT, TOKEN
 from .pruning import PrunedGraph, RemainderGroup, fold_remainders, prune, remainder_influence
@@ -29,9 +31,16 @@ def trace(
     settings: TraceSettings | None = None,
     progress: bool = False,
     dictionaries_source: str | None = None,
+    labels: FeatureLabels | None = None,
 ) -> AttributionGraph:
-    """Attribute ``prompt``'s logit targets through ``dicts`` spliced into ``lm`` and return the pruned graph."""
+    """Attribute ``prompt``'s logit targets through ``dicts`` spliced into ``lm`` and return the pruned graph.
+
+    ``labels`` (the dictionaries' feature labels, :class:`~dictionaries.labels.FeatureLabels`) label the feature
+    nodes and put the features' top contexts into ``metadata.feature_info`` (see :mod:`circuits.graph_labels`);
+    labels made for other weights than ``dicts`` are refused before any work."""
     settings = settings or TraceSettings()
+    if labels is not None:
+        labels.check_matches(fingerprint(dicts), dictionaries_source or "these dictionaries")
     start = time.perf_counter()
     result = attribute(lm, dicts, prompt, settings, progress=progress)
     features = result.replacement.features
@@ -71,6 +80,8 @@ def trace(
     if settings.keep_unpruned:  # the whole graph, minus what the pruned one holds
         everything = PrunedGraph(result.blocks, torch.ones_like(pruned.node_mask), pruned.influence)
         graph.unpruned = removed_by_pruning(_build_networkx(result, everything, groups), graph.graph)
+    if labels is not None:
+        label_graph(graph, labels)
     return graph
 
 

@@ -4,8 +4,13 @@ Every error a user can cause ends in one line on stderr (``error: ...`` naming t
 a traceback means a bug in circuitscope.
 """
 
-from . import dictionaries_commands, query_commands, trace_commands  # noqa: F401  (they register their commands)
+from . import (  # noqa: F401  (importing a module registers its commands)
+    dictionaries_commands,
+    features_commands,
+    intervene_command,
+    query_commands,
+    trace_commands,
+)
 from .app import main
 
 __all__ = ["main"]
-from . import intervene_command  # noqa: E402,F401

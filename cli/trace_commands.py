@@ -21,6 +21,7 @@ from .app import main
               help="Folder for graph.json, graph.svg and graph.html.")
 @click.option("-o", "--output", default=None, help="Name the graph JSON instead (drawings go next to it: X.svg, X.html).")
 @click.option("--no-drawings", is_flag=True, help="Write only the JSON (no SVG, no HTML).")
+@click.option("--no-labels", is_flag=True, help="Leave feature nodes unlabelled even when the dictionaries have labels.")
 @click.option("--max-logits", default=10, show_default=True, help="At most this many logit targets.")
 @click.option("--logit-prob", default=0.95, show_default=True, help="Cumulative probability of the logit targets.")
 @click.option("--target", "targets", multiple=True, help="Attribute this token's logit (repeatable), e.g. ' Paris'.")
@@ -37,7 +38,7 @@ from .app import main
 @click.option("--svg", "svg_path", default=None, help="Write the SVG here instead (needs graphviz).")
 @click.option("--html", "html_path", default=None, help="Write the interactive HTML page here instead.")
 @click.option("--neuronpedia", "np_path", default=None, help="Also export JSON for the Neuronpedia graph frontend.")
-def trace_command(prompt, model, dictionaries_path, out_dir, output, no_drawings, max_logits, logit_prob, targets, logit_diff, position,
+def trace_command(prompt, model, dictionaries_path, out_dir, output, no_drawings, no_labels, max_logits, logit_prob, targets, logit_diff, position,
                   max_features, batch_size, node_threshold, edge_threshold, dtype, device, chat, keep_unpruned,
                   svg_path, html_path, np_path) -> None:
     """Trace PROMPT: write its attribution graph as graph.json, graph.svg and graph.html.
@@ -52,6 +53,7 @@ def trace_command(prompt, model, dictionaries_path, out_dir, output, no_drawings
     from circuits.tracing import trace
     from dictionaries.formats import load_dictionaries
     from dictionaries.hub import resolve_dictionary_path
+    from dictionaries.labels import FeatureLabels
     from dictionaries.model_loading import load_model
 
     start = time.perf_counter()
@@ -73,9 +75,11 @@ def trace_command(prompt, model, dictionaries_path, out_dir, output, no_drawings
         dictionaries_path = str(default_dictionaries_path(model))
     lm = load_model(model, dtype=dtype, device=device)
     # In the model's dtype: a set stored in bfloat16 (the shipped one) is traced in float32 with a float32 model.
-    dicts = load_dictionaries(resolve_dictionary_path(dictionaries_path), dtype=lm.dtype)
+    local = resolve_dictionary_path(dictionaries_path)
+    dicts = load_dictionaries(local, dtype=lm.dtype)
     dicts.check_fits(lm.n_layers, lm.d_model, lm.name)
-    graph = trace(lm, dicts, prompt, settings, progress=True, dictionaries_source=dictionaries_path)
+    labels = None if no_labels else FeatureLabels.load(local)  # DICT/labels/ when `features annotate` made them
+    graph = trace(lm, dicts, prompt, settings, progress=True, dictionaries_source=dictionaries_path, labels=labels)
     graph.save(output)
     _write_exports(graph, svg_path=svg_path, html_path=html_path, np_path=np_path)
     meta = graph.metadata

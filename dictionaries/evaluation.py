@@ -20,12 +20,14 @@ Every number leaves out position 0 (BOS) of each context. With contexts [C, S]:
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from pydantic import BaseModel
 from tqdm.auto import tqdm
 
 from .dictionary_set import DictionarySet
-from .errors import DictionaryMismatchError
+from .errors import CircuitscopeError, DictionaryMismatchError
 from .hook_sites import MlpReplacement, record_mlp_io, replace_mlp_outputs
 from .model_loading import LoadedModel
 from .training.losses import FvuSums
@@ -159,12 +161,37 @@ def held_out_contexts(dicts: DictionarySet, lm: LoadedModel, data: str | None, t
                       context_length: int | None = None, seed: int | None = None) -> tuple[torch.Tensor, str]:
     """(contexts [C, S], data label) of the held-out split: by default of the data the set was trained on
     (its ``metadata``), else of text sampled from the model; enough contexts for ``tokens`` tokens."""
+    corpus = corpus_contexts(dicts, lm, data, tokens, "heldout", context_length, seed)
+    return corpus.contexts, corpus.data
+
+
+@dataclass(frozen=True)
+class Corpus:
+    """``contexts`` [C, S] (BOS at position 0) of ``split`` of ``data``, packed with ``seed``."""
+
+    contexts: torch.Tensor
+    data: str
+    split: str
+    context_length: int
+    seed: int
+
+
+def corpus_contexts(dicts: DictionarySet, lm: LoadedModel, data: str | None, tokens: int, split: str,
+                    context_length: int | None = None, seed: int | None = None) -> Corpus:
+    """Enough contexts of ``split`` for ``tokens`` non-BOS tokens: by default of the data the set was trained
+    on (``metadata["data"]``, when it exists locally), else of text sampled from the model. Context length
+    and seed default to the training run's (``metadata``), else 128 and 0."""
     from .training.data import open_context_source, parse_data_spec
 
     meta = dicts.config.metadata
-    data = data or str(meta.get("data") or "model")
+    if data is None:
+        data = str(meta.get("data") or "model")
+        try:
+            parse_data_spec(data)
+        except CircuitscopeError:  # the training text is not on this machine
+            data = "model"
     length = int(context_length or meta.get("context_length") or 128)
     seed = int(seed if seed is not None else meta.get("seed") or 0)
-    source = open_context_source(parse_data_spec(data), lm, length, "heldout", seed)
+    source = open_context_source(parse_data_spec(data), lm, length, split, seed)  # type: ignore[arg-type]
     count = max(1, -(-tokens // (length - 1)))
-    return source.contexts(0, count), data
+    return Corpus(source.contexts(0, count), data, split, length, seed)

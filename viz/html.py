@@ -3,8 +3,9 @@
 The page embeds the graph (every node, and the ``max_edges`` most important edges; 200,000 by default,
 enough for the graphs pruning leaves) as JSON and draws it in the browser with the SVG's layout: a
 threshold slider picks nodes by cumulative influence (as pruning does), a second slider sets how many of
-the most important edges among them are drawn, clicking a node lists its inputs and outputs, hovering
-shows details. See :mod:`viz.page_script` for the script and how the page reports errors.
+the most important edges among them are drawn, clicking a node lists its inputs and outputs (and, for a
+feature whose graph carries labels, its top-activating contexts and the tokens it promotes and suppresses),
+hovering shows details. See :mod:`viz.page_script` for the script and how the page reports errors.
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ def page_data(graph: AttributionGraph, options: PageOptions) -> dict:
         line1, line2 = node_label(graph, node)
         nodes.append({"id": node, "kind": data["kind"], "layer": data["layer"], "pos": data["position"],
                       "l1": line1, "l2": line2, "desc": node_description(graph, node),
-                      "infl": _short(data["influence"]), "cum": shares.get(node)})
+                      "infl": _short(data["influence"]), "cum": shares.get(node), "fk": data.get("feature_key")})
     importance = edge_importance(graph)
     ranked = sorted(importance, key=lambda e: -importance[e])[: options.max_edges]
     edges = [[order[s], order[t], _short(graph.graph.edges[s, t]["weight"])] for s, t in ranked]
@@ -66,7 +67,16 @@ def page_data(graph: AttributionGraph, options: PageOptions) -> dict:
         "colours": {"positive": POSITIVE, "negative": NEGATIVE},
         "nodes": nodes,
         "edges": edges,
+        "features": _feature_info(graph),
     }
+
+
+def _feature_info(graph: AttributionGraph) -> dict:
+    """Feature key -> its labels' record (top contexts, frequency, promoted and suppressed tokens), for the
+    features that are nodes of the page; what the details panel shows when such a node is clicked."""
+    info = graph.metadata.feature_info
+    keys = {key for key in dict(graph.graph.nodes(data="feature_key")).values() if key in info}
+    return {key: info[key].model_dump() for key in sorted(keys)}
 
 
 def _inline_json(value: dict) -> str:

@@ -5,7 +5,9 @@
 ``<script id="graph-data" type="application/json">`` element, draws the nodes that pass the influence
 threshold (layers bottom to top, positions left to right, the same layout as the SVG) and the most
 important edges among them, and on success sets ``body[data-state]`` to ``ready``. Clicking a node lists
-its inputs and outputs (rows are clickable); hovering shows details; ``#node=ID`` in the address selects a
+its inputs and outputs (rows are clickable) and, for a feature with labels (``data.features``, keyed by the
+node's ``fk``), its top contexts in ``#contexts`` (one ``.ctx`` row each, tokens shaded by activation, the
+maximum marked ``.peak``) and its promoted and suppressed tokens; hovering shows details; ``#node=ID`` in the address selects a
 node on load.
 """
 
@@ -217,6 +219,42 @@ PAGE_JS = """
     }
   }
 
+  function featurePanel(info) {  // the clicked feature's top contexts, frequency and logit effects
+    var box = $('details');
+    var h = document.createElement('h2');
+    h.textContent = 'Top contexts (' + info.contexts.length + ')';
+    box.appendChild(h);
+    var about = document.createElement('div');
+    about.className = 'hint';
+    about.textContent = 'active on ' + (100 * info.frequency).toPrecision(3) + '% of tokens (mean ' +
+      fmt(info.mean_activation) + ' when active)';
+    box.appendChild(about);
+    var list = document.createElement('div');
+    list.id = 'contexts';
+    var top = 1e-30;
+    info.contexts.forEach(function (c) { c.activations.forEach(function (a) { top = Math.max(top, a); }); });
+    info.contexts.forEach(function (c) {
+      var row = document.createElement('div');
+      row.className = 'ctx';
+      c.tokens.forEach(function (t, k) {
+        var span = document.createElement('span'), a = c.activations[k];
+        span.className = 'tok' + (k === c.peak ? ' peak' : '');
+        span.textContent = t.replace(/\\n/g, '\\u23ce');
+        if (a > 0) { span.style.backgroundColor = 'rgba(221,107,32,' + (0.1 + 0.9 * a / top).toFixed(3) + ')'; }
+        span.title = fmt(a);
+        row.appendChild(span);
+      });
+      list.appendChild(row);
+    });
+    box.appendChild(list);
+    [['promotes', info.promoted], ['suppresses', info.suppressed]].forEach(function (pair) {
+      var line = document.createElement('div');
+      line.className = 'logits';
+      line.textContent = pair[0] + ': ' + pair[1].map(function (t) { return JSON.stringify(t); }).join(' ');
+      box.appendChild(line);
+    });
+  }
+
   function remember(hash) {  // keep the selection in the address; some browsers refuse this for files
     try { history.replaceState(null, '', hash); } catch (e) { /* the page works without it */ }
   }
@@ -237,6 +275,7 @@ PAGE_JS = """
       var d = document.createElement('div');
       d.textContent = nodes[i].desc;
       box.appendChild(d);
+      if (nodes[i].fk && data.features && data.features[nodes[i].fk]) { featurePanel(data.features[nodes[i].fk]); }
       table('Inputs', ins[i], 0, absTotal(ins[i]));
       table('Outputs', outs[i], 1, absTotal(outs[i]));
       remember('#node=' + encodeURIComponent(nodes[i].id));

@@ -25,6 +25,10 @@ tr.link:hover { background: #ebf8ff; }
 #details { font-size: 12px; word-break: break-word; }
 #tooltip { position: fixed; pointer-events: none; background: #1a202c; color: #fff; padding: 4px 7px;
   border-radius: 4px; font-size: 12px; max-width: 420px; display: none; z-index: 10; }
+#contexts .ctx { font-family: Menlo, Consolas, monospace; font-size: 11px; white-space: pre-wrap;
+  border-bottom: 1px solid #edf2f7; padding: 2px 0; }
+#contexts .peak { outline: 1px solid #c05621; font-weight: bold; }
+.logits { font-size: 11px; color: #4a5568; margin-top: 4px; word-break: break-word; }
 #errors { color: #c53030; white-space: pre-wrap; font-size: 12px; }
 g.node { cursor: pointer; }
 g.node text { font-size: 9px; text-anchor: middle; pointer-events: none; }
