@@ -111,3 +111,17 @@ def test_checkpoints_are_safetensors_and_json_only(tiny_lm, tiny_checkpoint_dir,
     tensors = read_tensors(out / "checkpoint" / "rank_0.safetensors")
     assert {"model.W_enc", "model.log_threshold", "model.in_scale", "model.tokens_since_fired", "rng.torch"} <= set(tensors)
     assert any(name.startswith("optim.") and name.endswith(".exp_avg_sq") for name in tensors)
+
+
+def test_resume_with_another_token_count_shortens_the_run(tiny_lm, tiny_checkpoint_dir, text_file, tmp_path):
+    """--tokens may change on --resume: a 10-step run stopped after 3 steps and resumed as an 8-step run ends
+    after step 8, with the learning rate of its last steps decaying to 0 over the new length's last 20%."""
+    from dictionaries.training.step import learning_rate
+
+    out = tmp_path / "out"
+    train(fast_config(tiny_checkpoint_dir, text_file, out, stop_after_steps=3), tiny_lm)
+    shorter = fast_config(tiny_checkpoint_dir, text_file, out, resume=True, tokens=256 * 8)
+    result = train(shorter, tiny_lm)
+    assert result.finished and result.step == 8 and result.tokens_seen == 256 * 8
+    original = fast_config(tiny_checkpoint_dir, text_file, tmp_path / "unused")
+    assert learning_rate(shorter, 7) < learning_rate(original, 7) == original.learning_rate

@@ -95,6 +95,11 @@ def save_checkpoint(out: Path, model: TrainableDictionaries, optimizer: torch.op
     ctx.barrier()
 
 
+# Settings a resumed run may change: ``tokens`` lengthens or shortens the run (the learning-rate schedule's warm-up
+# and decay follow the new length from the checkpoint's step on; a run already past its new end finishes at once).
+RESIZABLE = frozenset({"tokens"})
+
+
 def load_checkpoint(out: Path, model: TrainableDictionaries, optimizer: torch.optim.Optimizer,
                     config: TrainerConfig, ctx: DistributedContext, shares: list[list[int]]) -> CheckpointState:
     """Restore model, optimizer and RNG from ``out``'s checkpoint; returns its state (step, tokens)."""
@@ -121,7 +126,8 @@ def _check_compatible(state: CheckpointState, config: TrainerConfig, ctx: Distri
     if state.format != CHECKPOINT_FORMAT or state.version > 1:
         raise CircuitscopeError(f"{directory} is not a checkpoint this circuitscope can read; start over with --force")
     current = config.identity()
-    changed = sorted(k for k in set(state.settings) | set(current) if state.settings.get(k) != current.get(k))
+    changed = sorted(k for k in set(state.settings) | set(current)
+                     if k not in RESIZABLE and state.settings.get(k) != current.get(k))
     if changed:
         detail = ", ".join(f"{k}: {state.settings.get(k)!r} then, {current.get(k)!r} now" for k in changed)
         raise CircuitscopeError(
