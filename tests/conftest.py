@@ -171,3 +171,13 @@ def one_thread_per_module():
     """Use with ``pytestmark = pytest.mark.usefixtures("one_thread_per_module")``."""
     with torch_threads(1):
         yield
+
+
+@pytest.fixture(scope="session")
+def real_lm():
+    """The real Gemma 3 270M (default model), loaded once per session, offline; for tests marked real_model."""
+    from dictionaries.model_loading import load_model
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("HF_HUB_OFFLINE", "1")  # the default model must never need the hub
+        return load_model()

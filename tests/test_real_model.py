@@ -11,16 +11,8 @@ import torch
 
 from dictionaries.default_model import CHECK_IDS, CHECK_PROMPT
 from dictionaries.hook_sites import record_mlp_io, replace_mlp_outputs
-from dictionaries.model_loading import load_model
 
 pytestmark = pytest.mark.real_model
-
-
-@pytest.fixture(scope="session")
-def real_lm():
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("HF_HUB_OFFLINE", "1")  # the default model must never need the hub
-        return load_model()
 
 
 def test_loads_the_default_model(real_lm):

@@ -20,7 +20,6 @@ from circuits.settings import TraceSettings
 from circuits.tracing import trace
 from dictionaries.assembly import random_dictionary_set
 from dictionaries.hook_sites import record_mlp_io
-from dictionaries.model_loading import load_model
 
 pytestmark = pytest.mark.real_model
 
@@ -30,13 +29,6 @@ CALIBRATION = (
     "north and the south met to exchange salt, wool and grain."
 )
 WIDTH, ACTIVE = 1024, 20
-
-
-@pytest.fixture(scope="module")
-def real_lm():
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("HF_HUB_OFFLINE", "1")
-        return load_model()
 
 
 @pytest.fixture(scope="module")
