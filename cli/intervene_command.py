@@ -10,32 +10,16 @@ import click
 from dictionaries.errors import CircuitscopeError
 
 from .app import main
+from .loading import load_model_and_dictionaries
 
 _DTYPES = click.Choice(["float32", "bfloat16"])
 _device_option = click.option("--device", default=None, help="cpu (default) or cuda.")
 _json_option = click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of tables.")
 
 
-def _dictionaries_path(given: str | None, model: str) -> str:
-    """``--dictionaries`` when given, else the set bundled for ``model``."""
-    if given:
-        return given
-    try:
-        from dictionaries.bundled import default_dictionaries_path
-    except ImportError:
-        raise CircuitscopeError("pass --dictionaries DIR") from None
-    return str(default_dictionaries_path(model))
-
-
-def _load(model: str, dictionaries: str, dtype: str, device: str | None):
-    from dictionaries.formats import load_dictionaries
-    from dictionaries.hub import resolve_dictionary_path
-    from dictionaries.model_loading import load_model
-
-    lm = load_model(model, dtype=dtype, device=device)
-    dicts = load_dictionaries(resolve_dictionary_path(dictionaries))
-    dicts.check_fits(lm.n_layers, lm.d_model, lm.name)
-    return lm, dicts
+def _load(model: str, dictionaries: str | None, dtype: str, device: str | None):
+    loaded = load_model_and_dictionaries(model, dictionaries, dtype, device)
+    return loaded.lm, loaded.dicts
 
 
 @main.command("intervene")
@@ -94,7 +78,7 @@ def intervene_command(prompt, model, dictionaries_path, ablations, assignments, 
         raise CircuitscopeError(f"bad setting {'.'.join(map(str, first['loc']))}: {first['msg']}") from None
     if not prompt.strip():
         raise CircuitscopeError("The prompt is empty; pass some text.")
-    lm, dicts = _load(model, _dictionaries_path(dictionaries_path, model), dtype, device)
+    lm, dicts = _load(model, dictionaries_path, dtype, device)
     result = intervene(lm, dicts, prompt, interventions, settings, chat=chat, position=position, top_k=top)
     generations = None
     if n_generate:
@@ -177,7 +161,7 @@ def validate_command(graph_path, top, target, modes, model, dictionaries_path, d
     meta = graph.metadata
     model = model or meta.model
     dictionaries_path = dictionaries_path or meta.dictionaries.source
-    lm, dicts = _load(model, _dictionaries_path(dictionaries_path, model), dtype or meta.settings.dtype, device)
+    lm, dicts = _load(model, dictionaries_path, dtype or meta.settings.dtype, device)
     report = validate_graph(lm, dicts, graph, top=top, target=target, modes=list(modes) or list(MODES))
     if as_json:
         click.echo(json.dumps(dataclasses.asdict(report)))

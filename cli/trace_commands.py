@@ -9,6 +9,7 @@ import click
 from dictionaries.errors import CircuitscopeError
 
 from .app import main
+from .loading import load_model_and_dictionaries
 
 
 @main.command("trace")
@@ -51,10 +52,7 @@ def trace_command(prompt, model, dictionaries_path, out_dir, output, no_drawings
 
     from circuits.settings import TraceSettings
     from circuits.tracing import trace
-    from dictionaries.formats import load_dictionaries
-    from dictionaries.hub import resolve_dictionary_path
     from dictionaries.labels import FeatureLabels
-    from dictionaries.model_loading import load_model
 
     start = time.perf_counter()
     try:
@@ -69,17 +67,10 @@ def trace_command(prompt, model, dictionaries_path, out_dir, output, no_drawings
     if not prompt.strip():
         raise CircuitscopeError("The prompt is empty; pass some text to trace.")
     output, svg_path, html_path = _output_paths(Path(out_dir), output, svg_path, html_path, no_drawings)
-    if dictionaries_path is None:
-        from dictionaries.bundled import default_dictionaries_path
-
-        dictionaries_path = str(default_dictionaries_path(model))
-    lm = load_model(model, dtype=dtype, device=device)
-    # In the model's dtype: a set stored in bfloat16 (the shipped one) is traced in float32 with a float32 model.
-    local = resolve_dictionary_path(dictionaries_path)
-    dicts = load_dictionaries(local, dtype=lm.dtype)
-    dicts.check_fits(lm.n_layers, lm.d_model, lm.name)
-    labels = None if no_labels else FeatureLabels.load(local)  # DICT/labels/ when `features annotate` made them
-    graph = trace(lm, dicts, prompt, settings, progress=True, dictionaries_source=dictionaries_path, labels=labels)
+    loaded = load_model_and_dictionaries(model, dictionaries_path, dtype, device)
+    lm, dicts = loaded.lm, loaded.dicts
+    labels = None if no_labels else FeatureLabels.load(loaded.local)  # DICT/labels/ when `features annotate` made them
+    graph = trace(lm, dicts, prompt, settings, progress=True, dictionaries_source=loaded.source, labels=labels)
     graph.save(output)
     _write_exports(graph, svg_path=svg_path, html_path=html_path, np_path=np_path)
     meta = graph.metadata

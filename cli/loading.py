@@ -1,0 +1,37 @@
+"""The model and dictionary set a command works on, loaded the same way by every command that runs them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class ModelAndDictionaries:
+    """``lm`` and ``dicts`` (in the model's dtype); ``source``: the dictionaries as named (or the shipped set's
+    folder); ``local``: the directory they were read from."""
+
+    lm: object
+    dicts: object
+    source: str
+    local: Path
+
+
+def load_model_and_dictionaries(model: str, dictionaries: str | None, dtype: str, device: str | None
+                                ) -> ModelAndDictionaries:
+    """Load ``model`` and ``dictionaries`` (default: the set shipped for ``model``), checked to fit. The set is
+    loaded in the model's dtype, so a set stored in bfloat16 (the shipped one) runs in float32 with a float32
+    model, exactly as its float32 copy would."""
+    from dictionaries.formats import load_dictionaries
+    from dictionaries.hub import resolve_dictionary_path
+    from dictionaries.model_loading import load_model
+
+    if dictionaries is None:
+        from dictionaries.bundled import default_dictionaries_path
+
+        dictionaries = str(default_dictionaries_path(model))
+    lm = load_model(model, dtype=dtype, device=device)
+    local = Path(resolve_dictionary_path(dictionaries))
+    dicts = load_dictionaries(local, dtype=lm.dtype)
+    dicts.check_fits(lm.n_layers, lm.d_model, lm.name)
+    return ModelAndDictionaries(lm, dicts, dictionaries, local)
