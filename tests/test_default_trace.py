@@ -88,7 +88,8 @@ def test_the_shipped_set_loads_and_its_held_out_fvu_matches_the_readme(real_lm, 
 
 def test_the_shipped_set_round_trips_through_the_gemma_scope_2_layout(tmp_path, real_lm, shipped):
     """Gemma Scope 2 stores JumpReLU only: the TopK set goes there as its calibrated JumpReLU copy, and the
-    package's Gemma Scope 2 reader gives back every tensor bit for bit; the copy keeps about k features."""
+    package's Gemma Scope 2 reader gives back every tensor bit for bit; on other held-out contexts the copy keeps
+    about as many features per token as the TopK set (within 0.6x-1.5x per layer)."""
     contexts = torch.tensor(json.loads(HELD_OUT.read_text())["contexts"])
     copy = jumprelu_copy(shipped, real_lm, contexts[:4])
     save_gemma_scope_2(copy, tmp_path / "gs2")
@@ -100,8 +101,9 @@ def test_the_shipped_set_round_trips_through_the_gemma_scope_2_layout(tmp_path, 
         assert ours.keys() == theirs.keys() == set(shipped.layer_tensors(layer)) | {"threshold"}
         for name in ours:
             assert torch.equal(ours[name].float(), theirs[name].float()), (layer, name)
-    report = evaluate(again, real_lm, contexts[4:], batch_size=4)
-    assert all(40 <= layer.l0 <= 90 for layer in report.layers), [layer.l0 for layer in report.layers]
+    copied = [layer.l0 for layer in evaluate(again, real_lm, contexts[4:], batch_size=4).layers]
+    topk = [layer.l0 for layer in evaluate(shipped, real_lm, contexts[4:], batch_size=4).layers]
+    assert all(0.6 * b <= a <= 1.5 * b for a, b in zip(copied, topk)), list(zip(copied, topk))
 
 
 def test_the_validation_report_on_the_default_graph_agrees_in_sign(real_lm, main_job):

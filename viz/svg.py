@@ -36,8 +36,9 @@ def _escape(text: str) -> str:
     return text.replace("\\", "\\\\")
 
 
-def to_dot(graph: AttributionGraph, limits: DrawLimits | None = None, grid: Grid = Grid()) -> graphviz.Digraph:
+def to_dot(graph: AttributionGraph, limits: DrawLimits | None = None, grid: Grid | None = None) -> graphviz.Digraph:
     """The graphviz description of the drawing (positions fixed; render with ``neato -n2``)."""
+    grid = grid or Grid()
     chosen = select(graph, limits or DrawLimits())
     placement = layout(graph, chosen.nodes, grid)
     height = placement.height
@@ -48,7 +49,7 @@ def to_dot(graph: AttributionGraph, limits: DrawLimits | None = None, grid: Grid
     dot = graphviz.Digraph(engine="neato")
     dot.attr(label=_escape(caption), labelloc="t", fontsize="11", fontname="Helvetica", splines="curved",
              outputorder="edgesfirst", bgcolor="white", pad="0.3")
-    dot.attr("node", style="filled", fontname="Helvetica", fontsize="8", fixedsize="true",
+    dot.attr("node", style="filled", fontname="Helvetica", fontsize="8", fixedsize="shape",
              width=f"{(grid.slot_width - 8) / 72:.3f}", height=f"{(grid.slot_height - 10) / 72:.3f}",
              color="#4a5568", penwidth="0.8")
     for layer, y in placement.band_centre.items():  # the layer axis, left of the first position
