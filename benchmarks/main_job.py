@@ -41,9 +41,7 @@ def main() -> None:
     parser.add_argument("--keep-cache", type=Path, default=None, help="Use (and keep) this cache folder.")
     args = parser.parse_args()
     root = Path(tempfile.mkdtemp(prefix="circuitscope-main-job-"))
-    cache = args.keep_cache or root / "cache"
-    if args.keep_cache is None:
-        shutil.rmtree(cache, ignore_errors=True)
+    cache = args.keep_cache or root / "cache"  # a new, empty folder unless --keep-cache names one
     try:
         for label, out in (("first run (empty cache)", root / "first"), ("later run (cached model)", root / "later")):
             seconds, stdout = run_main_job(cache, out)

@@ -17,11 +17,6 @@ _device_option = click.option("--device", default=None, help="cpu (default) or c
 _json_option = click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of tables.")
 
 
-def _load(model: str, dictionaries: str | None, dtype: str, device: str | None):
-    loaded = load_model_and_dictionaries(model, dictionaries, dtype, device)
-    return loaded.lm, loaded.dicts
-
-
 @main.command("intervene")
 @click.argument("prompt")
 @click.option("--model", default="gemma-3-270m", show_default=True, help="Model name, checkpoint directory or hub id.")
@@ -78,7 +73,8 @@ def intervene_command(prompt, model, dictionaries_path, ablations, assignments, 
         raise CircuitscopeError(f"bad setting {'.'.join(map(str, first['loc']))}: {first['msg']}") from None
     if not prompt.strip():
         raise CircuitscopeError("The prompt is empty; pass some text.")
-    lm, dicts = _load(model, dictionaries_path, dtype, device)
+    loaded = load_model_and_dictionaries(model, dictionaries_path, dtype, device)
+    lm, dicts = loaded.lm, loaded.dicts
     result = intervene(lm, dicts, prompt, interventions, settings, chat=chat, position=position, top_k=top)
     generations = None
     if n_generate:
@@ -161,7 +157,8 @@ def validate_command(graph_path, top, target, modes, model, dictionaries_path, d
     meta = graph.metadata
     model = model or meta.model
     dictionaries_path = dictionaries_path or meta.dictionaries.source
-    lm, dicts = _load(model, dictionaries_path, dtype or meta.settings.dtype, device)
+    loaded = load_model_and_dictionaries(model, dictionaries_path, dtype or meta.settings.dtype, device)
+    lm, dicts = loaded.lm, loaded.dicts
     report = validate_graph(lm, dicts, graph, top=top, target=target, modes=list(modes) or list(MODES))
     if as_json:
         click.echo(json.dumps(dataclasses.asdict(report)))

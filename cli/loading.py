@@ -4,6 +4,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # imported lazily at run time: `circuitscope --help` must not pay for torch
+    from dictionaries.dictionary_set import DictionarySet
+    from dictionaries.model_loading import LoadedModel
 
 
 @dataclass(frozen=True)
@@ -11,8 +16,8 @@ class ModelAndDictionaries:
     """``lm`` and ``dicts`` (in the model's dtype); ``source``: the dictionaries as named (or the shipped set's
     folder); ``local``: the directory they were read from."""
 
-    lm: object
-    dicts: object
+    lm: LoadedModel
+    dicts: DictionarySet
     source: str
     local: Path
 
