@@ -47,7 +47,7 @@ def calibrated_transcoders(lm, width: int = WIDTH, active: int = ACTIVE_PER_TOKE
     """Random per-layer JumpReLU transcoders whose thresholds leave ``active`` features on per token."""
 
     from dictionaries.assembly import random_dictionary_set
-    from dictionaries.hook_sites import record_mlp_io
+    from dictionaries.models.hook_sites import record_mlp_io
 
     dicts = random_dictionary_set(lm.n_layers, lm.d_model, width, seed=seed, model=lm.name)
     ids = lm.tokenize(PROMPTS["128"])
@@ -63,9 +63,9 @@ def calibrated_transcoders(lm, width: int = WIDTH, active: int = ACTIVE_PER_TOKE
 def run_case(case: str, batch_size: int) -> dict:
     import torch
 
-    from circuits.attribution import attribute
+    from circuits.engine.attribution import attribute
     from circuits.settings import TraceSettings
-    from dictionaries.model_loading import load_model
+    from dictionaries.models.loading import load_model
 
     torch.manual_seed(0)
     lm = load_model()

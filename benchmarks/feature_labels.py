@@ -43,7 +43,7 @@ def main() -> None:
         write_labels,
     )
     from dictionaries.labels.format import CorpusInfo
-    from dictionaries.model_loading import load_model
+    from dictionaries.models.loading import load_model
 
     lm = load_model(args.model)
     dicts = random_dictionary_set(lm.n_layers, lm.d_model, 1024, activation=ActivationConfig(type="topk", k=64),

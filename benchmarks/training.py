@@ -29,9 +29,13 @@ import torch
 import dictionaries.training.harvest as harvest_module
 import dictionaries.training.trainer as trainer_module
 from dictionaries.evaluation import evaluate, format_report
-from dictionaries.model_loading import load_model
+from dictionaries.models.loading import load_model
 from dictionaries.training import make_config, train
-from dictionaries.training.data import open_context_source, parse_data_spec, sample_from_model
+from dictionaries.training.data import (
+    open_context_source,
+    parse_data_spec,
+    sample_from_model,
+)
 
 
 def _timed(function, totals: dict, key: str, tokens_of):

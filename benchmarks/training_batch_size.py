@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from dictionaries.model_loading import load_model
+from dictionaries.models.loading import load_model
 from dictionaries.training import make_config, train
 from dictionaries.training.data import open_context_source, parse_data_spec
 from dictionaries.training.harvest import harvest

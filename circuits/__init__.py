@@ -1,1 +1,16 @@
-"""Attribution graphs: the replacement model, attribution, pruning, queries and interventions."""
+"""Attribution graphs: the tracing engine, the graph and its queries, and interventions on the real model.
+
+Three sub-packages and two modules, with one import rule (checked by ``tests/test_architecture.py``):
+
+- :mod:`circuits.engine` computes: clean run, replacement model, node layout, linear backward pass, edge rows,
+  logit targets, influence, attribution, pruning. It imports ``dictionaries`` and :mod:`circuits.settings` only.
+- :mod:`circuits.graph` holds and reads the result: the ``networkx`` attribution graph, its file format, labels,
+  lookups, paths, queries, subgraphs, supernodes, comparison and exports. It imports ``dictionaries`` and
+  :mod:`circuits.settings` only.
+- :mod:`circuits.interventions` checks graphs on the real model: frozen model, feature interventions, steering,
+  validation. It may import ``engine`` and ``graph``.
+- :mod:`circuits.tracing` is the bridge from the engine's tensors to a graph; :mod:`circuits.settings` is the
+  typed settings of a trace, a leaf every part may import.
+
+``engine`` and ``graph`` never import each other, nothing here imports ``viz`` or ``cli``. See docs/design.md.
+"""

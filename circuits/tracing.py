@@ -1,4 +1,4 @@
-"""``trace``: prompt in, pruned :class:`~circuits.graph.AttributionGraph` out.
+"""``trace``: prompt in, pruned :class:`~circuits.graph.attribution_graph.AttributionGraph` out.
 
 attribute (adjacency rows) -> fold unexpanded features into remainders -> prune -> scores -> networkx graph.
 """
@@ -12,16 +12,28 @@ import torch
 
 from dictionaries.dictionary_set import DictionarySet
 from dictionaries.labels import FeatureLabels, fingerprint
-from dictionaries.model_loading import LoadedModel
+from dictionaries.models.loading import LoadedModel
 
-from .attribution import Attribution, attribute
-from .graph import AttributionGraph, DictionaryInfo, GraphMetadata, NodeData, Scores
-from .graph_labels import label_graph
-from .influence import graph_scores, node_influence
-from .node_layout import ERROR, FEATURE, LOGIT, TOKEN
-from .pruning import PrunedGraph, RemainderGroup, fold_remainders, prune, remainder_influence
+from .engine.attribution import Attribution, attribute
+from .engine.influence import graph_scores, node_influence
+from .engine.node_layout import ERROR, FEATURE, LOGIT, TOKEN
+from .engine.pruning import (
+    PrunedGraph,
+    RemainderGroup,
+    fold_remainders,
+    prune,
+    remainder_influence,
+)
+from .graph.attribution_graph import (
+    AttributionGraph,
+    DictionaryInfo,
+    GraphMetadata,
+    NodeData,
+    Scores,
+)
+from .graph.labels import label_graph
+from .graph.unpruned import removed_by_pruning
 from .settings import TraceSettings
-from .unpruned import removed_by_pruning
 
 
 def trace(
@@ -36,7 +48,7 @@ def trace(
     """Attribute ``prompt``'s logit targets through ``dicts`` spliced into ``lm`` and return the pruned graph.
 
     ``labels`` (the dictionaries' feature labels, :class:`~dictionaries.labels.FeatureLabels`) label the feature
-    nodes and put the features' top contexts into ``metadata.feature_info`` (see :mod:`circuits.graph_labels`);
+    nodes and put the features' top contexts into ``metadata.feature_info`` (see :mod:`circuits.graph.labels`);
     labels made for other weights than ``dicts`` are refused before any work."""
     settings = settings or TraceSettings()
     if labels is not None:

@@ -33,7 +33,7 @@ _selector_options = [
 def _check_model(dicts, model: str | None) -> None:
     """With --model: the set must cover that model's layers and d_model (read from its config only)."""
     if model is not None:
-        from dictionaries.model_loading import model_dimensions
+        from dictionaries.models.loading import model_dimensions
 
         dicts.check_fits(*model_dimensions(model), model_name=model)
 
@@ -58,7 +58,7 @@ def _with_selectors(fn):
 @_with_selectors
 def dictionaries_info(path: str, fmt: str | None, as_json: bool, no_verify: bool, model, width, l0, affine) -> None:
     """Describe the dictionary set at PATH (a directory or a hub id with subfolder)."""
-    from dictionaries.formats import detect_format, load_dictionaries
+    from dictionaries.formats.registry import detect_format, load_dictionaries
     from dictionaries.hub import resolve_dictionary_path
 
     local = resolve_dictionary_path(path)
@@ -94,7 +94,7 @@ def dictionaries_info(path: str, fmt: str | None, as_json: bool, no_verify: bool
 @_with_selectors
 def dictionaries_convert(src: str, dst: str, from_format: str, force: bool, model, width, l0, affine) -> None:
     """Convert the dictionary set at SRC into the native format at DST (checked against --model first)."""
-    from dictionaries.formats import convert, load_dictionaries
+    from dictionaries.formats.registry import convert, load_dictionaries
     from dictionaries.hub import resolve_dictionary_path
 
     local = resolve_dictionary_path(src)
@@ -163,9 +163,9 @@ def dictionaries_train(matryoshka, layers, no_progress, **settings) -> None:
 def dictionaries_eval(path, model, data, tokens, batch_size, as_json, no_progress) -> None:
     """Held-out FVU, L0 and dead features per layer, and the CE/KL change with every layer spliced in."""
     from dictionaries.evaluation import evaluate, format_report, held_out_contexts
-    from dictionaries.formats import load_dictionaries
+    from dictionaries.formats.registry import load_dictionaries
     from dictionaries.hub import resolve_dictionary_path
-    from dictionaries.model_loading import load_model
+    from dictionaries.models.loading import load_model
 
     if tokens < 1 or batch_size < 1:
         raise CircuitscopeError("--tokens and --batch-size must be at least 1")

@@ -39,10 +39,10 @@ def features_annotate(path, model, data, tokens, context_length, batch_size, con
 
     from pydantic import ValidationError
 
-    from dictionaries.formats import load_dictionaries
+    from dictionaries.formats.registry import load_dictionaries
     from dictionaries.hub import resolve_dictionary_path
     from dictionaries.labels import AnnotationSettings, annotate, labels_directory
-    from dictionaries.model_loading import load_model
+    from dictionaries.models.loading import load_model
 
     start = time.perf_counter()
     try:

@@ -51,12 +51,12 @@ def intervene_command(prompt, model, dictionaries_path, ablations, assignments, 
     """
     from pydantic import ValidationError
 
-    from circuits.interventions import (
+    from circuits.interventions.feature_interventions import (
         InterventionSettings,
         intervene,
         parse_intervention,
     )
-    from circuits.steering import GenerationSettings, generate
+    from circuits.interventions.steering import GenerationSettings, generate
 
     interventions = ([parse_intervention(s, "ablate") for s in ablations]
                      + [parse_intervention(s, "set") for s in assignments]
@@ -150,8 +150,8 @@ def validate_command(graph_path, top, target, modes, model, dictionaries_path, d
     the change the graph predicts (correlation, sign agreement and a table)."""
     import dataclasses
 
-    from circuits.graph import AttributionGraph
-    from circuits.validation import MODES, validate_graph
+    from circuits.graph.attribution_graph import AttributionGraph
+    from circuits.interventions.validation import MODES, validate_graph
 
     graph = AttributionGraph.load(graph_path)
     meta = graph.metadata

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # imported lazily at run time: `circuitscope --help` must not pay for torch
     from dictionaries.dictionary_set import DictionarySet
-    from dictionaries.model_loading import LoadedModel
+    from dictionaries.models.loading import LoadedModel
 
 
 @dataclass(frozen=True)
@@ -27,9 +27,9 @@ def load_model_and_dictionaries(model: str, dictionaries: str | None, dtype: str
     """Load ``model`` and ``dictionaries`` (default: the set shipped for ``model``), checked to fit. The set is
     loaded in the model's dtype, so a set stored in bfloat16 (the shipped one) runs in float32 with a float32
     model, exactly as its float32 copy would."""
-    from dictionaries.formats import load_dictionaries
+    from dictionaries.formats.registry import load_dictionaries
     from dictionaries.hub import resolve_dictionary_path
-    from dictionaries.model_loading import load_model
+    from dictionaries.models.loading import load_model
 
     if dictionaries is None:
         from dictionaries.bundled import default_dictionaries_path

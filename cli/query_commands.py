@@ -16,7 +16,7 @@ from .app import Group, main
 @click.pass_context
 def query(ctx: click.Context, graph_path: str) -> None:
     """Ask a graph JSON file questions: paths, node, top, search, compare (tables, or --json)."""
-    from circuits.graph import AttributionGraph
+    from circuits.graph.attribution_graph import AttributionGraph
 
     ctx.obj = AttributionGraph.load(graph_path)
 
@@ -44,7 +44,7 @@ def _emit(as_json: bool, data, text: str) -> None:
 @click.pass_obj
 def query_paths(graph, target, k, as_json) -> None:
     """The strongest paths from token nodes to a target (product of normalised edge weights)."""
-    from circuits.paths import strongest_paths
+    from circuits.graph.paths import strongest_paths
     from viz.tables import paths_table
 
     paths = strongest_paths(graph, target, k)
@@ -58,7 +58,7 @@ def query_paths(graph, target, k, as_json) -> None:
 @click.pass_obj
 def query_node(graph, node_id, top, as_json) -> None:
     """A node's attributes, its direct inputs and the nodes it drives, ranked, with signs."""
-    from circuits.queries import node_report
+    from circuits.graph.queries import node_report
     from viz.tables import node_text
 
     report = node_report(graph, node_id, top)
@@ -66,7 +66,7 @@ def query_node(graph, node_id, top, as_json) -> None:
 
 
 def _node_rows(graph, nodes) -> list[dict]:
-    from circuits.graph import NodeData
+    from circuits.graph.attribution_graph import NodeData
 
     return [NodeData(id=n, **graph.graph.nodes[n]).model_dump() for n in nodes]
 
@@ -81,7 +81,7 @@ _KINDS = click.Choice(["token", "feature", "error", "remainder", "logit", "super
 @click.pass_obj
 def query_top(graph, n, kind, as_json) -> None:
     """The most influential nodes."""
-    from circuits.queries import top_nodes
+    from circuits.graph.queries import top_nodes
     from viz.tables import nodes_table
 
     nodes = top_nodes(graph, n, kind)
@@ -98,7 +98,7 @@ def query_top(graph, n, kind, as_json) -> None:
 @click.pass_obj
 def query_search(graph, label, token, layer, feature, kind, as_json) -> None:
     """Nodes that match every term given, most influential first."""
-    from circuits.queries import NodeQuery, search_nodes
+    from circuits.graph.queries import NodeQuery, search_nodes
     from viz.tables import nodes_table
 
     if feature is not None and ":" not in feature:
@@ -117,8 +117,8 @@ def query_search(graph, label, token, layer, feature, kind, as_json) -> None:
 @click.pass_obj
 def query_compare(graph, other_path, top, by_node, as_json) -> None:
     """Compare with OTHER.json: shared features, edges that appear, vanish or change most."""
-    from circuits.compare import compare_graphs
-    from circuits.graph import AttributionGraph
+    from circuits.graph.attribution_graph import AttributionGraph
+    from circuits.graph.compare import compare_graphs
     from viz.tables import comparison_text
 
     result = compare_graphs(graph, AttributionGraph.load(other_path), top, "node" if by_node else "feature")

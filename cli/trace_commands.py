@@ -118,7 +118,7 @@ def _write_exports(graph, svg_path=None, html_path=None, np_path=None, limits=No
 
         click.echo(f"html       {save_html(graph, html_path)}")
     if np_path:
-        from circuits.neuronpedia import save_neuronpedia
+        from circuits.graph.neuronpedia import save_neuronpedia
 
         click.echo(f"neuronpedia {save_neuronpedia(graph, np_path)}")
 
@@ -131,7 +131,7 @@ def _write_exports(graph, svg_path=None, html_path=None, np_path=None, limits=No
 @click.option("--max-edges", default=400, show_default=True, help="SVG: edges drawn, most important first.")
 def render_command(graph_path: str, output: str, max_nodes: int, max_edges: int) -> None:
     """Render a graph JSON file as SVG or interactive HTML, or export it for Neuronpedia."""
-    from circuits.graph import AttributionGraph
+    from circuits.graph.attribution_graph import AttributionGraph
     from viz.selection import DrawLimits
 
     name = output.lower()

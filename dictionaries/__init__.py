@@ -7,11 +7,21 @@ from .assembly import random_dictionary_set
 from .config import ActivationConfig, DictionaryConfig
 from .cross_layer_transcoder import CrossLayerTranscoder
 from .dictionary_set import DictionarySet
-from .errors import CircuitscopeError, DictionaryFileError, DictionaryMismatchError, ModelLoadError
-from .formats import convert, detect_format, load_dictionaries, save_dictionaries
-from .hook_sites import MlpRecording, record_mlp_io, replace_mlp_outputs
-from .model_loading import LoadedModel, load_model, model_dimensions
-from .model_registry import DEFAULT_MODEL, lookup
+from .errors import (
+    CircuitscopeError,
+    DictionaryFileError,
+    DictionaryMismatchError,
+    ModelLoadError,
+)
+from .formats.registry import (
+    convert,
+    detect_format,
+    load_dictionaries,
+    save_dictionaries,
+)
+from .models.hook_sites import MlpRecording, record_mlp_io, replace_mlp_outputs
+from .models.loading import LoadedModel, load_model, model_dimensions
+from .models.registry import DEFAULT_MODEL, lookup
 from .transcoder import Transcoder, TranscoderSet
 
 __all__ = [

@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .errors import CircuitscopeError
-from .model_registry import lookup
+from .models.registry import lookup
 
 BUNDLED_ROOT = Path(__file__).resolve().parent / "bundled_sets"
 

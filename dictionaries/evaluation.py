@@ -28,8 +28,8 @@ from tqdm.auto import tqdm
 
 from .dictionary_set import DictionarySet
 from .errors import CircuitscopeError, DictionaryMismatchError
-from .hook_sites import MlpReplacement, record_mlp_io, replace_mlp_outputs
-from .model_loading import LoadedModel
+from .models.hook_sites import MlpReplacement, record_mlp_io, replace_mlp_outputs
+from .models.loading import LoadedModel
 from .training.losses import FvuSums
 
 

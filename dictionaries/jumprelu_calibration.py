@@ -15,8 +15,8 @@ from .assembly import build_dictionary_set
 from .config import ActivationConfig
 from .dictionary_set import DictionarySet
 from .errors import CircuitscopeError
-from .hook_sites import record_mlp_io
-from .model_loading import LoadedModel
+from .models.hook_sites import record_mlp_io
+from .models.loading import LoadedModel
 
 
 @torch.no_grad()

@@ -94,7 +94,12 @@ def make_tiny_tokenizer():
 
 def make_tiny_model(multimodal: bool = False, seed: int = 0, **overrides):
     """A random tiny ``Gemma3ForCausalLM`` or (multimodal) ``Gemma3ForConditionalGeneration``, eager attention."""
-    from transformers import Gemma3Config, Gemma3ForCausalLM, Gemma3ForConditionalGeneration, SiglipVisionConfig
+    from transformers import (
+        Gemma3Config,
+        Gemma3ForCausalLM,
+        Gemma3ForConditionalGeneration,
+        SiglipVisionConfig,
+    )
 
     torch.manual_seed(seed)
     text_config = tiny_text_config(**overrides)
@@ -126,7 +131,7 @@ def make_tiny_checkpoint(directory: Path, multimodal: bool = False, seed: int = 
 @pytest.fixture(scope="session")
 def make_tiny_lm(tmp_path_factory):
     """Factory fixture: ``make_tiny_lm(multimodal=False, seed=0, name=None, **overrides) -> LoadedModel``."""
-    from dictionaries.model_loading import load_model
+    from dictionaries.models.loading import load_model
 
     def make(multimodal: bool = False, seed: int = 0, name: str | None = None, **overrides):
         directory = tmp_path_factory.mktemp(name or ("tiny-mm" if multimodal else "tiny"))
@@ -143,7 +148,7 @@ def tiny_checkpoint_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_lm(tiny_checkpoint_dir):
     """The tiny text model (4 layers, d_model 32) as a LoadedModel; do not modify it in tests."""
-    from dictionaries.model_loading import load_model
+    from dictionaries.models.loading import load_model
 
     return load_model(tiny_checkpoint_dir)
 
@@ -176,7 +181,7 @@ def one_thread_per_module():
 @pytest.fixture(scope="session")
 def real_lm():
     """The real Gemma 3 270M (default model), loaded once per session, offline; for tests marked real_model."""
-    from dictionaries.model_loading import load_model
+    from dictionaries.models.loading import load_model
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("HF_HUB_OFFLINE", "1")  # the default model must never need the hub

@@ -10,7 +10,12 @@ from __future__ import annotations
 import networkx as nx
 from conftest import PROMPT
 
-from circuits.graph import AttributionGraph, DictionaryInfo, GraphMetadata, Scores
+from circuits.graph.attribution_graph import (
+    AttributionGraph,
+    DictionaryInfo,
+    GraphMetadata,
+    Scores,
+)
 from circuits.settings import TraceSettings
 
 FEATURE_FIELDS = dict(feature=None, feature_key=None, token=None, token_id=None, activation=None, label=None,

@@ -1,6 +1,6 @@
 """Every edge of an attribution equals a real perturbation of the frozen replacement model (DESIGN.md section 5).
 
-Ground truth is :func:`circuits.frozen_model.run_frozen`: the real Hugging Face network with frozen attention
+Ground truth is :func:`circuits.interventions.frozen_model.run_frozen`: the real Hugging Face network with frozen attention
 patterns and norm scales and the MLPs replaced by feature writes + b_dec + errors (+ the live skip path),
 with a scale per source. An edge weight A[t, s] must equal target t's value with every source present minus
 its value with source s removed (scale 0). Targets are measured independently of the engine: a feature's
@@ -20,12 +20,12 @@ import pytest
 import torch
 from conftest import PROMPT
 
-from circuits.attribution import Attribution, attribute
-from circuits.frozen_model import FrozenOutputs, run_frozen
-from circuits.node_layout import ERROR, FEATURE, LOGIT, TOKEN
+from circuits.engine.attribution import Attribution, attribute
+from circuits.engine.node_layout import ERROR, FEATURE, LOGIT, TOKEN
+from circuits.interventions.frozen_model import FrozenOutputs, run_frozen
 from circuits.settings import TraceSettings
 from dictionaries.assembly import random_dictionary_set
-from dictionaries.hook_sites import record_mlp_io, replace_mlp_outputs
+from dictionaries.models.hook_sites import record_mlp_io, replace_mlp_outputs
 
 WIDTH = 16
 KINDS = {
@@ -476,7 +476,7 @@ def test_chat_template_positions_have_token_nodes_only(tiny_lm, dict_sets):
 
 def test_model_loaded_with_sdpa_attention(tiny_checkpoint_dir):
     """The clean run needs attention patterns: it switches to eager attention and back."""
-    from dictionaries.model_loading import load_model
+    from dictionaries.models.loading import load_model
 
     lm = load_model(tiny_checkpoint_dir, attn_implementation="sdpa")
     assert lm.config._attn_implementation == "sdpa"

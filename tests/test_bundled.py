@@ -7,8 +7,8 @@ import pytest
 
 from dictionaries.bundled import BUNDLED_ROOT, default_dictionaries_path
 from dictionaries.errors import CircuitscopeError
-from dictionaries.model_registry import all_entries, lookup
-from dictionaries.native_format import read_config
+from dictionaries.formats.native import read_config
+from dictionaries.models.registry import all_entries, lookup
 
 
 def test_the_270m_has_a_shipped_set_that_fits_it():

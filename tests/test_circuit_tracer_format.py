@@ -12,9 +12,9 @@ from safetensors.torch import save_file
 from test_gemma_scope_2 import mapped_file, tree
 
 from dictionaries.assembly import random_dictionary_set
-from dictionaries.circuit_tracer_format import load_circuit_tracer, save_circuit_tracer
 from dictionaries.config import ActivationConfig
 from dictionaries.errors import CircuitscopeError, DictionaryFileError
+from dictionaries.formats.circuit_tracer import load_circuit_tracer, save_circuit_tracer
 from dictionaries.safetensors_io import read_tensors
 
 N_LAYERS, D_MODEL, D_SAE = 3, 16, 24

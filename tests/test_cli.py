@@ -9,7 +9,7 @@ from safetensors.torch import save_file
 
 from cli import main
 from dictionaries.assembly import random_dictionary_set
-from dictionaries.native_format import load_native, save_native
+from dictionaries.formats.native import load_native, save_native
 
 N_LAYERS, D_MODEL, D_SAE = 3, 8, 16
 

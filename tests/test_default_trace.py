@@ -15,13 +15,13 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from circuits.graph import AttributionGraph
-from circuits.paths import strongest_paths
+from circuits.graph.attribution_graph import AttributionGraph
+from circuits.graph.paths import strongest_paths
 from cli import main
 from dictionaries.bundled import default_dictionaries_path
 from dictionaries.evaluation import evaluate
-from dictionaries.formats import load_dictionaries
-from dictionaries.gemma_scope_2 import save_gemma_scope_2
+from dictionaries.formats.gemma_scope_2 import save_gemma_scope_2
+from dictionaries.formats.registry import load_dictionaries
 from dictionaries.jumprelu_calibration import jumprelu_copy
 
 pytestmark = pytest.mark.real_model
@@ -109,7 +109,7 @@ def test_the_shipped_set_round_trips_through_the_gemma_scope_2_layout(tmp_path, 
 def test_the_validation_report_on_the_default_graph_agrees_in_sign(real_lm, main_job):
     """Zeroing each of the default graph's 20 most influential features moves the ' Paris'... target logit the
     way the graph predicts for most of them (attention and norms frozen, features recomputed)."""
-    from circuits.validation import validate_graph
+    from circuits.interventions.validation import validate_graph
 
     graph = AttributionGraph.load(main_job[0] / "graph.json")
     dicts = load_dictionaries(default_dictionaries_path("gemma-3-270m"), dtype=torch.float32)

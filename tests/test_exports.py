@@ -7,11 +7,15 @@ import networkx as nx
 import pytest
 from graph_helpers import hand_built_graph, traced_graph
 
-from circuits.graph import GRAPH_SCHEMA_VERSION, AttributionGraph
-from circuits.neuronpedia import NeuronpediaOptions, save_neuronpedia, to_neuronpedia
-from circuits.supernodes import group_by_feature, merge_nodes
-from circuits.unpruned import full_graph
-from circuits.weights import input_totals, logit_weight
+from circuits.graph.attribution_graph import GRAPH_SCHEMA_VERSION, AttributionGraph
+from circuits.graph.neuronpedia import (
+    NeuronpediaOptions,
+    save_neuronpedia,
+    to_neuronpedia,
+)
+from circuits.graph.supernodes import group_by_feature, merge_nodes
+from circuits.graph.unpruned import full_graph
+from circuits.graph.weights import input_totals, logit_weight
 from dictionaries.errors import CircuitscopeError
 
 

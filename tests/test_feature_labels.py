@@ -18,8 +18,8 @@ import torch
 from click.testing import CliRunner
 from conftest import PROMPT, WORDS
 
-from circuits.graph import AttributionGraph
-from circuits.neuronpedia import to_neuronpedia
+from circuits.graph.attribution_graph import AttributionGraph
+from circuits.graph.neuronpedia import to_neuronpedia
 from circuits.settings import TraceSettings
 from circuits.tracing import trace
 from cli import main
@@ -27,8 +27,8 @@ from dictionaries.assembly import random_dictionary_set
 from dictionaries.config import ActivationConfig
 from dictionaries.errors import CircuitscopeError, DictionaryFileError
 from dictionaries.evaluation import corpus_contexts
-from dictionaries.formats import load_dictionaries
-from dictionaries.hook_sites import record_mlp_io
+from dictionaries.formats.native import save_native
+from dictionaries.formats.registry import load_dictionaries
 from dictionaries.labels import (
     AnnotationSettings,
     FeatureLabels,
@@ -44,7 +44,7 @@ from dictionaries.labels import (
 from dictionaries.labels.format import LAYER_TENSORS, MANIFEST_FILE, layer_file
 from dictionaries.labels.logit_lens import excluded_tokens
 from dictionaries.labels.top_contexts import dequantize_window
-from dictionaries.native_format import save_native
+from dictionaries.models.hook_sites import record_mlp_io
 from dictionaries.safetensors_io import write_tensors
 from viz.html import PageOptions, page_data, render_html, save_html
 from viz.labels import node_label

@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import pytest
-import torch
-from safetensors.torch import load_file
 import test_circuit_tracer_format as ct
 import test_gemma_scope_2 as gs2
+import torch
+from safetensors.torch import load_file
 
 from dictionaries.assembly import random_dictionary_set
 from dictionaries.errors import CircuitscopeError, DictionaryFileError
-from dictionaries.formats import convert, detect_format, load_dictionaries, save_dictionaries
-from dictionaries.native_format import load_native, save_native
+from dictionaries.formats.native import load_native, save_native
+from dictionaries.formats.registry import (
+    convert,
+    detect_format,
+    load_dictionaries,
+    save_dictionaries,
+)
 
 
 @pytest.fixture

@@ -14,8 +14,13 @@ from safetensors.torch import save_file
 from dictionaries.assembly import random_dictionary_set
 from dictionaries.config import ActivationConfig
 from dictionaries.errors import CircuitscopeError, DictionaryFileError
-from dictionaries.gemma_scope_2 import FOLDERS_KEY, load_gemma_scope_2, save_gemma_scope_2, width_token
-from dictionaries.native_format import load_native, save_native
+from dictionaries.formats.gemma_scope_2 import (
+    FOLDERS_KEY,
+    load_gemma_scope_2,
+    save_gemma_scope_2,
+    width_token,
+)
+from dictionaries.formats.native import load_native, save_native
 
 N_LAYERS, D_MODEL, D_SAE = 3, 16, 24
 
@@ -215,7 +220,7 @@ def test_writer_refuses_a_non_empty_destination_and_leaves_it_untouched(tmp_path
 
 
 def test_failed_write_leaves_nothing(tmp_path, monkeypatch):
-    import dictionaries.gemma_scope_2 as gs2
+    import dictionaries.formats.gemma_scope_2 as gs2
 
     calls = []
 

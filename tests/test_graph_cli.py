@@ -11,7 +11,7 @@ from graph_helpers import hand_built_graph
 
 from cli import main
 from dictionaries.assembly import random_dictionary_set
-from dictionaries.native_format import save_native
+from dictionaries.formats.native import save_native
 
 needs_graphviz = pytest.mark.skipif(shutil.which("neato") is None,
                                     reason="graphviz is not installed (apt-get install graphviz)")

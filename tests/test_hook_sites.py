@@ -6,7 +6,11 @@ import pytest
 import torch
 from conftest import PROMPT
 
-from dictionaries.hook_sites import MlpRecording, record_mlp_io, replace_mlp_outputs
+from dictionaries.models.hook_sites import (
+    MlpRecording,
+    record_mlp_io,
+    replace_mlp_outputs,
+)
 
 ATOL = 1e-5
 

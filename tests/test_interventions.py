@@ -1,8 +1,8 @@
-"""Interventions on features (circuits.interventions), steered generation (circuits.steering) and graph
-validation (circuits.validation) on the tiny model, plus the ``intervene`` and ``validate`` commands.
+"""Interventions on features (circuits.interventions.feature_interventions), steered generation (circuits.interventions.steering) and graph
+validation (circuits.interventions.validation) on the tiny model, plus the ``intervene`` and ``validate`` commands.
 
 Ground truth for interventions is a replacement forward written here by hand with plain MLP-output hooks
-(:func:`dictionaries.hook_sites.replace_mlp_outputs`): dense encode and decode of every layer, the clean
+(:func:`dictionaries.models.hook_sites.replace_mlp_outputs`): dense encode and decode of every layer, the clean
 errors added back, the edit applied to the features of one layer. Validation is exact in the graph's own
 model (frozen attention and norms, linear features) and is checked to 1e-4 there.
 """
@@ -17,22 +17,22 @@ from click.testing import CliRunner
 from conftest import PROMPT
 from test_attribution_edges import make_dictionaries
 
-from circuits.graph import AttributionGraph
-from circuits.interventions import (
+from circuits.graph.attribution_graph import AttributionGraph
+from circuits.interventions.feature_interventions import (
     FeatureIntervention,
     InterventionSettings,
     intervene,
     parse_intervention,
     resolve_interventions,
 )
+from circuits.interventions.steering import GenerationSettings, generate
+from circuits.interventions.validation import predicted_removal_effects, validate_graph
 from circuits.settings import TraceSettings
-from circuits.steering import GenerationSettings, generate
 from circuits.tracing import trace
-from circuits.validation import predicted_removal_effects, validate_graph
 from cli import main
 from dictionaries.errors import CircuitscopeError
-from dictionaries.hook_sites import record_mlp_io, replace_mlp_outputs
-from dictionaries.native_format import save_native
+from dictionaries.formats.native import save_native
+from dictionaries.models.hook_sites import record_mlp_io, replace_mlp_outputs
 
 KINDS = {"transcoder": ("per-layer", False), "skip-transcoder": ("per-layer", True), "clt-skip": ("cross-layer", True)}
 FROZEN_LINEAR = InterventionSettings(freeze_attention=True, freeze_norms=True, features="linear")

@@ -9,8 +9,8 @@ import torch
 from dictionaries.assembly import random_dictionary_set
 from dictionaries.config import ActivationConfig
 from dictionaries.errors import CircuitscopeError
-from dictionaries.hook_sites import record_mlp_io
 from dictionaries.jumprelu_calibration import jumprelu_copy
+from dictionaries.models.hook_sites import record_mlp_io
 
 pytestmark = pytest.mark.usefixtures("one_thread_per_module")
 

@@ -7,7 +7,7 @@ import torch
 
 from dictionaries.assembly import random_dictionary_set
 from dictionaries.errors import CircuitscopeError, DictionaryFileError
-from dictionaries.native_format import is_native_directory, load_native, save_native
+from dictionaries.formats.native import is_native_directory, load_native, save_native
 
 
 @pytest.fixture
@@ -90,7 +90,7 @@ def test_save_refuses_to_clobber_and_leaves_destination_untouched(saved, tmp_pat
 
 
 def test_failed_save_leaves_nothing(tmp_path, monkeypatch):
-    import dictionaries.native_format as native
+    import dictionaries.formats.native as native
 
     def broken(*args, **kwargs):
         raise OSError("disk full")

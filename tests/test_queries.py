@@ -7,11 +7,18 @@ logit:10@2: 4 (1:3@2) and 1 (token@2): total 5. Each feature at layer 0 has one 
 import pytest
 from graph_helpers import hand_built_graph
 
-from circuits.compare import compare_graphs
-from circuits.paths import strongest_paths
-from circuits.queries import NodeQuery, node_inputs, node_outputs, node_report, search_nodes, top_nodes
-from circuits.subgraphs import influence_subgraph, neighbourhood, subgraph
-from circuits.supernodes import group_by_feature, group_by_label, merge_nodes
+from circuits.graph.compare import compare_graphs
+from circuits.graph.paths import strongest_paths
+from circuits.graph.queries import (
+    NodeQuery,
+    node_inputs,
+    node_outputs,
+    node_report,
+    search_nodes,
+    top_nodes,
+)
+from circuits.graph.subgraphs import influence_subgraph, neighbourhood, subgraph
+from circuits.graph.supernodes import group_by_feature, group_by_label, merge_nodes
 from dictionaries.errors import CircuitscopeError
 
 

@@ -6,12 +6,12 @@ import networkx as nx
 import pytest
 from graph_helpers import traced_graph
 
-from circuits.compare import compare_graphs
-from circuits.lookup import top_logit
-from circuits.paths import strongest_paths
-from circuits.queries import NodeQuery, node_report, search_nodes, top_nodes
-from circuits.subgraphs import influence_subgraph, neighbourhood
-from circuits.supernodes import group_by_feature, merge_nodes
+from circuits.graph.compare import compare_graphs
+from circuits.graph.lookup import top_logit
+from circuits.graph.paths import strongest_paths
+from circuits.graph.queries import NodeQuery, node_report, search_nodes, top_nodes
+from circuits.graph.subgraphs import influence_subgraph, neighbourhood
+from circuits.graph.supernodes import group_by_feature, merge_nodes
 
 
 @pytest.fixture(scope="module")

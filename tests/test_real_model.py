@@ -9,8 +9,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dictionaries.default_model import CHECK_IDS, CHECK_PROMPT
-from dictionaries.hook_sites import record_mlp_io, replace_mlp_outputs
+from dictionaries.models.default_model import CHECK_IDS, CHECK_PROMPT
+from dictionaries.models.hook_sites import record_mlp_io, replace_mlp_outputs
 
 pytestmark = pytest.mark.real_model
 

@@ -12,14 +12,14 @@ import random
 import pytest
 import torch
 
-from circuits.attribution import constant_positions
-from circuits.clean_run import record_clean_run
-from circuits.frozen_model import run_frozen
-from circuits.replacement import build_replacement
+from circuits.engine.attribution import constant_positions
+from circuits.engine.clean_run import record_clean_run
+from circuits.engine.replacement import build_replacement
+from circuits.interventions.frozen_model import run_frozen
 from circuits.settings import TraceSettings
 from circuits.tracing import trace
 from dictionaries.assembly import random_dictionary_set
-from dictionaries.hook_sites import record_mlp_io
+from dictionaries.models.hook_sites import record_mlp_io
 
 pytestmark = pytest.mark.real_model
 

@@ -10,8 +10,8 @@ import torch
 from dictionaries.assembly import random_dictionary_set
 from dictionaries.config import ActivationConfig
 from dictionaries.errors import CircuitscopeError
-from dictionaries.hook_sites import record_mlp_io
-from dictionaries.native_format import load_native, save_native
+from dictionaries.formats.native import load_native, save_native
+from dictionaries.models.hook_sites import record_mlp_io
 from dictionaries.training.refit import refit_decoders
 
 pytestmark = pytest.mark.usefixtures("one_thread_per_module")

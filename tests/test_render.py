@@ -11,7 +11,7 @@ import graphviz
 import pytest
 from graph_helpers import hand_built_graph, traced_graph
 
-from circuits.supernodes import group_by_label, merge_nodes
+from circuits.graph.supernodes import group_by_label, merge_nodes
 from dictionaries.errors import CircuitscopeError
 from viz.html import PageOptions, page_data, render_html, save_html
 from viz.palette import NEGATIVE, POSITIVE

@@ -9,10 +9,10 @@ import pytest
 from click.testing import CliRunner
 from conftest import PROMPT
 
-from circuits.graph import AttributionGraph
+from circuits.graph.attribution_graph import AttributionGraph
 from cli import main
 from dictionaries.assembly import random_dictionary_set
-from dictionaries.native_format import save_native
+from dictionaries.formats.native import save_native
 
 D_MODEL, N_LAYERS = 32, 4  # the tiny checkpoint's shape (tests/conftest.py)
 
@@ -176,7 +176,7 @@ def test_a_bfloat16_set_is_traced_in_the_models_float32(tmp_path, tiny_checkpoin
     in float32 (features encoded in float32, not rounded to bfloat16 first)."""
     import torch
 
-    from dictionaries.native_format import load_native
+    from dictionaries.formats.native import load_native
 
     bf16 = save_native(load_native(dictionary_dirs["transcoder"], dtype=torch.bfloat16), tmp_path / "bf16")
     f32 = save_native(load_native(bf16, dtype=torch.float32), tmp_path / "f32")

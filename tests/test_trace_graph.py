@@ -15,17 +15,28 @@ import torch
 from conftest import PROMPT
 from test_attribution_edges import Frozen, dense_rows, make_dictionaries
 
-from circuits.attribution import attribute
-from circuits.edge_rows import RowBlock
-from circuits.graph import GRAPH_SCHEMA_VERSION, AttributionGraph, NodeData
-from circuits.influence import graph_scores, node_influence
-from circuits.node_layout import ERROR, FEATURE, LOGIT, TOKEN, NodeLayout, build_layout
-from circuits.pruning import fold_remainders, prune, remainder_influence
-from circuits.replacement import ActiveFeatures
+from circuits.engine.attribution import attribute
+from circuits.engine.edge_rows import RowBlock
+from circuits.engine.influence import graph_scores, node_influence
+from circuits.engine.node_layout import (
+    ERROR,
+    FEATURE,
+    LOGIT,
+    TOKEN,
+    NodeLayout,
+    build_layout,
+)
+from circuits.engine.pruning import fold_remainders, prune, remainder_influence
+from circuits.engine.replacement import ActiveFeatures
+from circuits.graph.attribution_graph import (
+    GRAPH_SCHEMA_VERSION,
+    AttributionGraph,
+    NodeData,
+)
 from circuits.settings import TraceSettings
 from circuits.tracing import trace
 from dictionaries.errors import CircuitscopeError
-from dictionaries.hook_sites import record_mlp_io
+from dictionaries.models.hook_sites import record_mlp_io
 
 NODE_FIELDS = set(NodeData.model_fields) - {"id"}
 

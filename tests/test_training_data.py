@@ -10,13 +10,23 @@ from training_helpers import fast_config, single_thread, text_file  # noqa: F401
 
 import dictionaries.training.harvest as harvest_module
 from dictionaries.errors import CircuitscopeError
-from dictionaries.hook_sites import record_mlp_io
+from dictionaries.models.hook_sites import record_mlp_io
 from dictionaries.safetensors_io import read_tensors
 from dictionaries.training import train
 from dictionaries.training.data import (
-    HELDOUT_EVERY, DataSpec, hub_documents, open_context_source, parse_data_spec, sample_from_model,
+    HELDOUT_EVERY,
+    DataSpec,
+    hub_documents,
+    open_context_source,
+    parse_data_spec,
+    sample_from_model,
 )
-from dictionaries.training.harvest import ShardCache, block_permutation, harvest, normalising_scales
+from dictionaries.training.harvest import (
+    ShardCache,
+    block_permutation,
+    harvest,
+    normalising_scales,
+)
 
 
 def test_data_specs(tmp_path, text_file):

@@ -10,7 +10,7 @@ import torch
 from training_helpers import fast_config, single_thread, text_file  # noqa: F401 - fixtures
 
 from dictionaries.evaluation import evaluate, held_out_contexts
-from dictionaries.native_format import load_native
+from dictionaries.formats.native import load_native
 from dictionaries.training import FvuSums, train
 from dictionaries.training.distributed import DistributedContext
 from dictionaries.training.jumprelu_ste import jumprelu, step
@@ -62,7 +62,7 @@ def test_each_kind_and_sparsity_trains(tiny_lm, tiny_checkpoint_dir, text_file, 
 
 def _prefix_fvu(dicts, tiny_lm, contexts, size):
     """FVU of every layer's reconstruction from its first ``size`` features only (pooled over layers)."""
-    from dictionaries.hook_sites import record_mlp_io
+    from dictionaries.models.hook_sites import record_mlp_io
 
     rec = record_mlp_io(tiny_lm, contexts, with_logits=False)
     inputs = [rec.inputs[L][:, 1:] for L in range(4)]

@@ -11,8 +11,8 @@ import argparse
 import torch
 
 from dictionaries.evaluation import corpus_contexts
-from dictionaries.model_loading import load_model
-from dictionaries.native_format import load_native, save_native
+from dictionaries.formats.native import load_native, save_native
+from dictionaries.models.loading import load_model
 from dictionaries.training.refit import refit_decoders
 
 

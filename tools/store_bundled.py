@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from dictionaries.native_format import load_native, save_native
+from dictionaries.formats.native import load_native, save_native
 
 
 def main(argv: list[str]) -> int:

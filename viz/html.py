@@ -16,9 +16,9 @@ from pathlib import Path
 
 from pydantic import BaseModel, Field
 
-from circuits.graph import AttributionGraph
-from circuits.subgraphs import cumulative_influence
-from circuits.weights import edge_importance
+from circuits.graph.attribution_graph import AttributionGraph
+from circuits.graph.subgraphs import cumulative_influence
+from circuits.graph.weights import edge_importance
 from dictionaries.atomic_output import write_text_atomic
 
 from .labels import node_description, node_label

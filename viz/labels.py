@@ -5,7 +5,7 @@ Shared by the SVG, the HTML page and the CLI's tables, so a node reads the same 
 
 from __future__ import annotations
 
-from circuits.graph import AttributionGraph
+from circuits.graph.attribution_graph import AttributionGraph
 
 
 def show_token(text: str | None, limit: int = 14) -> str:

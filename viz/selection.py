@@ -2,7 +2,7 @@
 
 Graphs from real models hold a thousand nodes and 10^5 edges; a drawing shows the ``max_nodes`` most
 influential nodes (tokens and logits always) and, among them, the ``max_edges`` most important edges
-(normalised weight times the target's influence, see :mod:`circuits.weights`).
+(normalised weight times the target's influence, see :mod:`circuits.graph.weights`).
 
 Layout: layers bottom to top (tokens at the bottom, logits on top), token positions left to right. The
 nodes of one (layer, position) cell sit side by side, most influential first, wrapping after
@@ -17,8 +17,8 @@ from dataclasses import dataclass
 
 from pydantic import BaseModel, Field
 
-from circuits.graph import AttributionGraph
-from circuits.weights import edge_importance
+from circuits.graph.attribution_graph import AttributionGraph
+from circuits.graph.weights import edge_importance
 
 ALWAYS_SHOWN = ("token", "logit")
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import graphviz
 
-from circuits.graph import AttributionGraph
+from circuits.graph.attribution_graph import AttributionGraph
 from dictionaries.atomic_output import write_text_atomic
 from dictionaries.errors import CircuitscopeError
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from circuits.compare import EdgeChange, FeaturePresence, GraphComparison
-from circuits.graph import AttributionGraph
-from circuits.paths import GraphPath
-from circuits.queries import Contribution, NodeReport
+from circuits.graph.attribution_graph import AttributionGraph
+from circuits.graph.compare import EdgeChange, FeaturePresence, GraphComparison
+from circuits.graph.paths import GraphPath
+from circuits.graph.queries import Contribution, NodeReport
 
 from .labels import node_description, node_label
 

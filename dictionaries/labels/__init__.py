@@ -8,8 +8,20 @@ top-k, :mod:`.logit_lens` the promoted/suppressed tokens.
 """
 
 from .annotate import DEFAULT_TOKENS, annotate, annotate_contexts, fingerprint
-from .format import LABELS_FORMAT, LABELS_FORMAT_VERSION, AnnotationSettings, LabelsManifest
-from .store import FeatureLabels, FeatureSummary, TokenScore, TopContext, labels_directory, short_label
+from .format import (
+    LABELS_FORMAT,
+    LABELS_FORMAT_VERSION,
+    AnnotationSettings,
+    LabelsManifest,
+)
+from .store import (
+    FeatureLabels,
+    FeatureSummary,
+    TokenScore,
+    TopContext,
+    labels_directory,
+    short_label,
+)
 
 __all__ = [
     "DEFAULT_TOKENS", "LABELS_FORMAT", "LABELS_FORMAT_VERSION", "AnnotationSettings", "FeatureLabels",

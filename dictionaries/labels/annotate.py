@@ -20,8 +20,8 @@ from ..atomic_output import atomic_directory, write_text_atomic
 from ..dictionary_set import DictionarySet
 from ..errors import CircuitscopeError
 from ..evaluation import corpus_contexts, dictionary_layers
-from ..hook_sites import record_mlp_io
-from ..model_loading import LoadedModel
+from ..models.hook_sites import record_mlp_io
+from ..models.loading import LoadedModel
 from ..safetensors_io import write_tensors
 from .format import (
     CORPUS_FILE,

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from ..dictionary_set import DictionarySet
-from ..model_loading import LoadedModel
+from ..models.loading import LoadedModel
 
 
 def decoder_directions(dicts: DictionarySet, layer: int) -> torch.Tensor:

@@ -34,7 +34,7 @@ from typing import Literal
 import torch
 
 from ..errors import CircuitscopeError
-from ..model_loading import LoadedModel
+from ..models.loading import LoadedModel
 
 Split = Literal["train", "heldout"]
 HELDOUT_EVERY = 20

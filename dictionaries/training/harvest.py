@@ -25,8 +25,8 @@ import torch
 
 from ..atomic_output import write_text_atomic
 from ..errors import CircuitscopeError
-from ..hook_sites import record_mlp_io
-from ..model_loading import LoadedModel
+from ..models.hook_sites import record_mlp_io
+from ..models.loading import LoadedModel
 from ..safetensors_io import read_tensors, write_tensors
 from .data import ContextSource, derive_seed
 from .distributed import DistributedContext

@@ -22,8 +22,8 @@ from tqdm.auto import tqdm
 
 from ..dictionary_set import DictionarySet
 from ..errors import CircuitscopeError
-from ..hook_sites import record_mlp_io
-from ..model_loading import LoadedModel
+from ..models.hook_sites import record_mlp_io
+from ..models.loading import LoadedModel
 
 
 @torch.no_grad()

@@ -29,9 +29,14 @@ from ..atomic_output import atomic_directory
 from ..config import ActivationConfig, DictionaryConfig
 from ..dictionary_set import DictionarySet
 from ..errors import CircuitscopeError
-from ..model_loading import LoadedModel, load_model
-from ..native_format import load_native, save_native
-from .checkpoint import checkpoint_directory, load_checkpoint, save_checkpoint, write_json
+from ..formats.native import load_native, save_native
+from ..models.loading import LoadedModel, load_model
+from .checkpoint import (
+    checkpoint_directory,
+    load_checkpoint,
+    save_checkpoint,
+    write_json,
+)
 from .data import open_context_source, parse_data_spec
 from .distributed import DistributedContext
 from .harvest import BlockSource, ShardCache, block_permutation, normalising_scales

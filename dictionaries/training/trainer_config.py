@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from ..config import Kind
 from ..errors import CircuitscopeError
-from ..model_registry import DEFAULT_MODEL
+from ..models.registry import DEFAULT_MODEL
 
 TrainActivation = Literal["topk", "batchtopk", "jumprelu"]
 DistributedMode = Literal["data", "layers"]
@@ -200,7 +200,7 @@ def check_before_work(config: TrainerConfig) -> tuple[int, int]:
 
     Reads the model's config only (no weights) and touches nothing but a probe file in the output.
     """
-    from ..model_loading import model_dimensions
+    from ..models.loading import model_dimensions
     from .data import hub_documents, parse_data_spec
 
     n_layers, d_model = model_dimensions(config.model)

@@ -1,0 +1,5 @@
+"""The tracing engine: from a prompt, a model and dictionaries to the attribution adjacency, and its pruning.
+
+Imports ``dictionaries`` and :mod:`circuits.settings` only; never :mod:`circuits.graph` or
+:mod:`circuits.interventions` (see :mod:`circuits` and docs/design.md).
+"""
