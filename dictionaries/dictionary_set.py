@@ -100,15 +100,25 @@ class DictionarySet(nn.Module, ABC):
             raise ValueError(f"expected features for {self.n_layers} layers, got {len(features)}")
         if self.has_skip and inputs is None:
             raise ValueError("this dictionary set has a skip path: decode needs the layer inputs")
-        outputs: list[torch.Tensor] = [self.decoder_bias(t).expand(*features[t].shape[:-1], -1) for t in range(self.n_layers)]
+        writes: list[torch.Tensor | float] = [0.0] * self.n_layers
         for source, feats in enumerate(features):
             for target in self.decoder_targets(source):
-                outputs[target] = outputs[target] + feats @ self.decoder_weight(source, target)
-        if self.has_skip:
-            for t, x in enumerate(inputs):  # type: ignore[arg-type]
-                w = self.skip_weight(t)
-                outputs[t] = outputs[t] + x.to(w.dtype) @ w  # type: ignore[union-attr]
-        return outputs
+                writes[target] = writes[target] + feats @ self.decoder_weight(source, target)
+        return [self.layer_output(t, writes[t], None if inputs is None else inputs[t]) for t in range(self.n_layers)]
+
+    def layer_output(self, layer: int, writes: torch.Tensor, x: torch.Tensor | None = None) -> torch.Tensor:
+        """The dictionaries' output at ``layer``: ``writes + b_dec + x @ W_skip`` [..., d_model].
+
+        ``writes`` [..., d_model] is the sum of the decoder rows written into ``layer`` (already scaled by their
+        activations); the result has its dtype and device. ``x`` [..., d_model], the layer's transcoder input, is
+        needed when the set has a skip path. This is the one place that adds b_dec and the skip path."""
+        out = writes + self.decoder_bias(layer).to(device=writes.device, dtype=writes.dtype)
+        skip = self.skip_weight(layer)
+        if skip is not None:
+            if x is None:
+                raise ValueError(f"layer {layer} has a skip path: its output needs the layer input")
+            out = out + (x.to(device=skip.device, dtype=writes.dtype) @ skip.to(writes.dtype)).to(writes.device)
+        return out
 
     def forward(self, inputs: Sequence[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Every layer's transcoder input [..., d_model] -> (features per layer, outputs per layer)."""

@@ -30,6 +30,7 @@ from .dictionary_set import DictionarySet
 from .errors import CircuitscopeError, DictionaryMismatchError
 from .models.hook_sites import MlpReplacement, record_mlp_io, replace_mlp_outputs
 from .models.loading import LoadedModel
+from .replacement_mlp import ReplacementMlp
 from .training.losses import FvuSums
 
 
@@ -76,24 +77,22 @@ def dictionary_layers(dicts: DictionarySet, lm: LoadedModel) -> list[int]:
 
 
 def splice(dicts: DictionarySet, layers: list[int]) -> MlpReplacement:
-    """A fresh :func:`replace_mlp_outputs` function for one forward pass: positions 1.. of each covered
-    layer's MLP output become the dictionaries' output computed from the (spliced) layer inputs."""
+    """A fresh :func:`replace_mlp_outputs` function for one forward pass: each covered layer's MLP output becomes
+    the replacement formula of :mod:`dictionaries.replacement_mlp` without errors (the dictionaries' own output,
+    from the spliced model's own layer inputs), computed in the dictionaries' dtype; position 0 keeps the true
+    MLP output."""
     index = {layer: i for i, layer in enumerate(layers)}
-    features: dict[int, torch.Tensor] = {}
+    mlp: ReplacementMlp | None = None
 
     def replace(layer: int, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        i, xi = index[layer], x[:, 1:]
-        features[i] = dicts.encode(i, xi)
-        out = dicts.decoder_bias(i).expand(*xi.shape[:-1], -1)
-        for source in range(i + 1):
-            if source in features and i in dicts.decoder_targets(source):
-                out = out + features[source] @ dicts.decoder_weight(source, i)
-        if dicts.has_skip:
-            w = dicts.skip_weight(i)
-            out = out + xi.to(w.dtype) @ w
-        spliced = y.clone()
-        spliced[:, 1:] = out.to(y.dtype)
-        return spliced
+        nonlocal mlp
+        if mlp is None:
+            constant = torch.zeros(x.shape[1], dtype=torch.bool)
+            constant[0] = True
+            mlp = ReplacementMlp(dicts, tuple(x.shape[:-1]), x.device, constant, dtype=dicts.dtype)
+        i = index[layer]
+        mlp.write_dense(i, dicts.encode(i, x))
+        return mlp.output(i, x, clean=y)
 
     return replace
 

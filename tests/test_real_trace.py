@@ -12,7 +12,7 @@ import random
 import pytest
 import torch
 
-from circuits.engine.attribution import constant_positions
+from dictionaries.models.tokenization import constant_positions
 from circuits.engine.clean_run import record_clean_run
 from circuits.engine.replacement import build_replacement
 from circuits.interventions.frozen_model import run_frozen

@@ -18,6 +18,7 @@ from tqdm import tqdm
 from dictionaries.dictionary_set import DictionarySet
 from dictionaries.errors import CircuitscopeError
 from dictionaries.models.loading import LoadedModel
+from dictionaries.models.tokenization import tokenize_prompt
 
 from ..settings import TraceSettings
 from .clean_run import CleanRun, record_clean_run
@@ -52,24 +53,6 @@ class Attribution:
         return len(self.replacement.features)
 
 
-def constant_positions(lm: LoadedModel, input_ids: torch.Tensor, prompt: str, chat: bool) -> torch.Tensor:
-    """[P] bool: BOS, and with ``chat`` every chat-template token around the user's text."""
-    ids = input_ids[0].tolist()
-    constant = torch.zeros(len(ids), dtype=torch.bool)
-    if ids and ids[0] == lm.tokenizer.bos_token_id:
-        constant[0] = True
-    if chat:
-        content = list(lm.tokenizer(prompt, add_special_tokens=False)["input_ids"])
-        start = next((i for i in range(len(ids) - len(content) + 1) if ids[i:i + len(content)] == content), None)
-        if start is None:  # the template merged tokens with the text: keep only special tokens constant
-            special = set(lm.tokenizer.all_special_ids)
-            constant |= torch.tensor([i in special for i in ids])
-        else:
-            constant[:start] = True
-            constant[start + len(content):] = True
-    return constant
-
-
 def attribute(
     lm: LoadedModel,
     dicts: DictionarySet,
@@ -82,8 +65,9 @@ def attribute(
     dicts.check_fits(lm.n_layers, lm.d_model, lm.name)
     timings: dict[str, float] = {}
     start = time.perf_counter()
-    input_ids = lm.tokenize(prompt, chat=settings.chat)
-    n_positions = int(input_ids.shape[1])
+    tokenized = tokenize_prompt(lm, prompt, settings.chat)
+    input_ids = tokenized.ids[None]
+    n_positions = tokenized.n_positions
     position = settings.position if settings.position is not None else n_positions - 1
     if position < 0:
         position += n_positions
@@ -93,7 +77,7 @@ def attribute(
         )
     device = lm.device
     clean = record_clean_run(lm, input_ids)
-    constant = constant_positions(lm, input_ids, prompt, settings.chat).to(device)
+    constant = tokenized.constant.to(device)
     replacement = build_replacement(clean, dicts, constant)
     features = replacement.features
     logits = select_logit_targets(lm, clean, position, settings)

@@ -5,10 +5,11 @@ sources, and its transpose is the map below, applied to a batch of B gradient ro
 residual stream (P' = the positions up to the latest target in the batch; later positions cannot
 influence earlier ones). Going down through layer l, from the residual after layer l (``out``):
 
-    skip:       G_mid = G_out + ((G_out @ W_skip^T) * s_pre)      s_pre[p] = r_pre[p] * (1 + w_pre), 0 at constant positions
+    skip:       G_mid = G_out + ((G_out @ W_skip^T) * s_pre)      s_pre[p] = r_pre[p] * gain_pre, 0 at constant positions
     attention:  G_in  = G_mid + ((Pattern^T (G_mid * s_post) W_O) W_V) * s_in     per head, GQA groups summed
 
-where s_* are the frozen RMSNorm scales. The MLP itself contributes nothing: its output is a sum of
+where s_* are the frozen RMSNorm scales ``r[p] * gain`` (Gemma's gain is ``1 + w``; s_post is 1 for a family
+without an attention output norm), read through the family's :class:`~dictionaries.models.architecture.Architecture`. The MLP itself contributes nothing: its output is a sum of
 sources (features, errors) and constants. Nothing above the targets' layer is ever touched, and no
 full-vocabulary logits are computed. Everything runs in float32.
 """
@@ -21,6 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from dictionaries.dictionary_set import DictionarySet
+from dictionaries.models.architecture import submodule
 from dictionaries.models.loading import LoadedModel
 
 from .clean_run import CleanRun
@@ -28,11 +30,11 @@ from .clean_run import CleanRun
 
 @dataclass
 class _LayerWeights:
-    W_O: torch.Tensor  # [d, H * hd]   (o_proj.weight)
-    W_V: torch.Tensor  # [n_kv * hd, d] (v_proj.weight)
+    W_O: torch.Tensor  # [d, H * hd]   (the output projection's weight)
+    W_V: torch.Tensor  # [n_kv * hd, d] (the value projection's weight)
     pattern_T: torch.Tensor  # [H, P, P] pattern transposed: [h, key, query]
     s_in: torch.Tensor  # [P, d]
-    s_post: torch.Tensor  # [P, d]
+    s_post: torch.Tensor | None  # [P, d]; None: no attention output norm
     s_pre: torch.Tensor  # [P, d], zero at constant positions
     W_skip_T: torch.Tensor | None  # [d, d]
 
@@ -42,26 +44,28 @@ class FrozenLinearBackward:
 
     def __init__(self, lm: LoadedModel, clean: CleanRun, dicts: DictionarySet, constant_positions: torch.Tensor,
                  device: torch.device):
-        config = lm.config
-        self.n_heads = int(config.num_attention_heads)
-        self.n_kv = int(config.num_key_value_heads)
-        self.head_dim = int(config.head_dim)
+        arch = lm.architecture
+        norm = arch.norm
+        self.n_heads, self.n_kv, self.head_dim = arch.heads(lm.config)
         self.layers: list[_LayerWeights] = []
-        for index, (layer, record) in enumerate(zip(lm.layers, clean.layers)):
+        for index, record in enumerate(clean.layers):
+            attention = lm.attention_module(index)
+            out_proj = submodule(attention, arch.output_projection).weight
             # each layer's weights stay on that layer's device (models spread over several GPUs)
-            here = layer.self_attn.o_proj.weight.device
+            here = out_proj.device
             live = (~constant_positions.to(here)).float()[:, None]
             skip = dicts.skip_weight(index)
+            output_norm = lm.layer_module(index, arch.attention_output_norm)
             self.layers.append(_LayerWeights(
-                W_O=_f32(layer.self_attn.o_proj.weight, here),
-                W_V=_f32(layer.self_attn.v_proj.weight, here),
+                W_O=_f32(out_proj, here),
+                W_V=_f32(submodule(attention, arch.value_projection).weight, here),
                 pattern_T=record.pattern.to(here).transpose(1, 2).contiguous(),
-                s_in=_scale(layer.input_layernorm, record.r_input, here),
-                s_post=_scale(layer.post_attention_layernorm, record.r_post_attention, here),
-                s_pre=_scale(lm.mlp_input_module(index), record.r_pre_feedforward, here) * live,
+                s_in=norm.scale(lm.layer_module(index, arch.attention_norm), record.r_input, here),
+                s_post=None if output_norm is None else norm.scale(output_norm, record.r_post_attention, here),
+                s_pre=norm.scale(lm.mlp_input_module(index), record.r_pre_feedforward, here) * live,
                 W_skip_T=None if skip is None else _f32(skip, here).T.contiguous(),
             ))
-        self.s_final = _scale(lm.text_model.norm, clean.r_final, device)
+        self.s_final = norm.scale(lm.final_norm, clean.r_final, device)
 
     def skip(self, layer: int, grad_out: torch.Tensor) -> torch.Tensor:
         """G_out [B, P', d] on the residual after ``layer`` -> G_mid on the residual before its MLP."""
@@ -78,7 +82,8 @@ class FrozenLinearBackward:
         grad_mid = grad_mid.to(w.W_O.device)
         B, n, d = grad_mid.shape
         H, hd, n_kv = self.n_heads, self.head_dim, self.n_kv
-        per_head = ((grad_mid * w.s_post[:n]) @ w.W_O).view(B, n, H, hd)  # gradient on each head's output
+        on_output = grad_mid if w.s_post is None else grad_mid * w.s_post[:n]
+        per_head = (on_output @ w.W_O).view(B, n, H, hd)  # gradient on each head's output
         per_head = per_head.permute(2, 1, 0, 3).reshape(H, n, B * hd)  # [H, query, B * hd]
         on_values = torch.bmm(w.pattern_T[:, :n, :n], per_head)  # [H, key, B * hd]
         on_values = on_values.view(n_kv, H // n_kv, n, B, hd).sum(1)  # GQA: heads of a group share values
@@ -119,7 +124,3 @@ class FrozenLinearBackward:
 def _f32(weight: torch.Tensor, device: torch.device) -> torch.Tensor:
     return weight.detach().to(device=device, dtype=torch.float32)
 
-
-def _scale(norm: torch.nn.Module, r: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """The frozen RMSNorm's per-position, per-channel factor r[p] * (1 + w) as [P, d]."""
-    return r.to(device).float()[:, None] * (1.0 + _f32(norm.weight, device))[None, :]

@@ -1,12 +1,9 @@
 """The replacement model's state for one prompt: active features, their decoder writes, and error vectors.
 
-With the dictionaries spliced in, the MLP output of layer t at position p is
-
-    y_t[p] = sum over active features (s, p, i) with s <= t of a * W_dec[s -> t][i] + b_dec_t + x_t[p] @ W_skip_t + e_t[p]
-
-and the error e_t = y_t - (everything else) makes it exact. At constant positions (BOS, chat-template
-tokens) the whole MLP output is a constant: no features, no error, no skip path. Decoder rows are read
-only for active features, so a memory-mapped decoder is never read whole.
+The MLP output of every layer is the replacement formula of :mod:`dictionaries.replacement_mlp` (decoder writes
+of the active features + b_dec + skip path + error; the clean output at constant positions), and the error
+e_t = y_t - (everything else) makes it exact on the clean run. Here it is evaluated once on the clean run to
+find the active features, keep their decoder writes (the edge computation reads them) and take the errors.
 """
 
 from __future__ import annotations
@@ -16,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from dictionaries.dictionary_set import DictionarySet
+from dictionaries.replacement_mlp import ReplacementMlp
 
 from .clean_run import CleanRun
 
@@ -76,8 +74,7 @@ def build_replacement(clean: CleanRun, dicts: DictionarySet, constant_positions:
     )
 
     d = clean.embeddings.shape[1]
-    P = clean.n_positions
-    recon = torch.zeros(n_layers, P, d, device=device)
+    mlp = ReplacementMlp(dicts, (clean.n_positions,), device, constant_positions)
     per_target: list[list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = [[] for _ in range(n_layers)]
     start = 0
     for source in range(n_layers):
@@ -86,13 +83,9 @@ def build_replacement(clean: CleanRun, dicts: DictionarySet, constant_positions:
         start += count
         if count == 0:
             continue
-        act = features.activation[ids][:, None]
         pos = features.position[ids]
-        for target in dicts.decoder_targets(source):
-            weight = dicts.decoder_weight(source, target)
-            rows = weight[features.index[ids].to(weight.device)].float().to(device) * act
+        for target, rows in mlp.write(source, pos, features.index[ids], features.activation[ids]):
             per_target[target].append((ids, pos, rows))
-            recon[target].index_add_(0, pos, rows)
     writes = []
     for target in range(n_layers):
         parts = per_target[target]
@@ -101,12 +94,8 @@ def build_replacement(clean: CleanRun, dicts: DictionarySet, constant_positions:
         else:
             empty = torch.zeros(0, dtype=torch.long, device=device)
             writes.append(DecoderWrites(empty, empty, torch.zeros(0, d, device=device)))
-        recon[target] += dicts.decoder_bias(target).float().to(device)
-        skip = dicts.skip_weight(target)
-        if skip is not None:
-            recon[target] += clean.layers[target].mlp_input.to(device) @ skip.float().to(device)
     outputs = torch.stack([r.mlp_output.to(device) for r in clean.layers])
-    constant = constant_positions[None, :, None]
-    recon = torch.where(constant, outputs, recon)
-    errors = torch.where(constant, torch.zeros_like(outputs), outputs - recon)
+    recon = torch.stack([mlp.output(t, clean.layers[t].mlp_input.to(device), clean=outputs[t])
+                         for t in range(n_layers)])
+    errors = torch.where(constant_positions[None, :, None], torch.zeros_like(outputs), outputs - recon)
     return Replacement(features, writes, errors, recon, pre_acts, constant_positions)

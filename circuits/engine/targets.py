@@ -2,7 +2,8 @@
 
 A logit target's value is the chosen token's logit minus the mean logit over the vocabulary, read before
 any softcap, so its direction is ``W_U[token] - mean_v W_U[v]`` on the final-norm output (a logit
-difference uses ``W_U[a] - W_U[b]``). Its influence weight is the token's probability (1 for a difference).
+difference uses ``W_U[a] - W_U[b]``). Its influence weight is the token's probability (1 for a difference), taken
+after the family's final logit softcap, as the model's own output has it.
 """
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ def _single_token(lm: LoadedModel, text: str) -> int:
 
 def select_logit_targets(lm: LoadedModel, clean: CleanRun, position: int, settings: TraceSettings) -> LogitTargets:
     logits = clean.logits_at(lm, position)
-    probs = torch.softmax(logits, dim=-1)
+    probs = torch.softmax(lm.architecture.softcapped(lm.config, logits), dim=-1)
     W_U = lm.lm_head.weight
     if settings.logit_diff is not None:
         a, b = (_single_token(lm, t) for t in settings.logit_diff)

@@ -1,7 +1,7 @@
 """Interventions on dictionary features, run on the real network: set, scale or zero any feature at chosen
 layers and positions and let the effect propagate through the rest of the model.
 
-The model runs with the dictionary set spliced in at every MLP (DESIGN.md section 5). At layer t and every
+The model runs with the dictionary set spliced in at every MLP (docs/design.md, "The attribution math"). At layer t and every
 position that is not constant (BOS, chat-template tokens), the MLP contribution becomes
 
     y_t = sum over sources s <= t of a_s @ W_dec[s -> t] + b_dec_t (+ x_t @ W_skip_t) + e_t
@@ -23,7 +23,8 @@ Options (:class:`InterventionSettings`):
   With both freezes, ``"frozen"`` is the frozen replacement model whose edges the attribution graph holds,
   and ``"linear"`` is the linear model whose path sums the graph describes (see :mod:`circuits.interventions.validation`).
 
-Logits are read from the final-norm output through the unembedding, before any softcap (Gemma 3 has none).
+Logits are read from the final-norm output through the unembedding, before any softcap (Gemma 3 has none);
+probabilities are taken after the family's softcap, as the model's own output has them.
 Shapes: P = sequence length, d = d_model, V = vocabulary size, d_sae = a layer's dictionary width.
 """
 
@@ -41,9 +42,11 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from dictionaries.dictionary_set import DictionarySet
 from dictionaries.errors import CircuitscopeError
+from dictionaries.models.hook_sites import replace_mlp_outputs
 from dictionaries.models.loading import LoadedModel
+from dictionaries.models.tokenization import tokenize_prompt
+from dictionaries.replacement_mlp import ReplacementMlp
 
-from ..engine.attribution import constant_positions
 from ..engine.clean_run import CleanRun, eager_attention, record_clean_run
 from ..engine.replacement import ActiveFeatures, Replacement, build_replacement
 from .frozen_model import add_freezing_hooks
@@ -199,18 +202,17 @@ def _sparse(per_layer: list[torch.Tensor]) -> ActiveFeatures:
     return ActiveFeatures(*(torch.cat([p[k] for p in parts]) for k in range(4)))
 
 
-class _ReplacementMlps:
-    """The MLP hooks of one intervened run (see the module docstring): layer by layer, encode the live input,
-    apply the interventions, add the features' decoder writes to every layer they reach, output the sum."""
+class _InterventionMlps:
+    """The MLP replacement of one intervened run (see the module docstring): layer by layer, encode the live
+    input, apply the interventions, write the features' decoder rows into every layer they reach, and output
+    the replacement formula of :mod:`dictionaries.replacement_mlp` with the clean run's errors."""
 
     def __init__(self, dicts: DictionarySet, state: CleanState, interventions: Sequence[FeatureIntervention],
                  settings: InterventionSettings):
         self.dicts, self.state, self.settings = dicts, state, settings
         self.device = state.clean.embeddings.device
-        P, d = state.n_positions, state.clean.embeddings.shape[1]
-        self.writes = [torch.zeros(P, d, device=self.device) for _ in range(dicts.n_layers)]  # per target layer
+        self.mlp = ReplacementMlp(dicts, (state.n_positions,), self.device, state.constant)
         self.activations: list[torch.Tensor] = []
-        self.inputs: dict[int, torch.Tensor] = {}
         self.keep = ~state.constant
         self.by_layer: dict[int, list[FeatureIntervention]] = {}
         for iv in interventions:
@@ -243,31 +245,15 @@ class _ReplacementMlps:
                 acts[rows, iv.feature] = acts[rows, iv.feature] * iv.value
         return acts
 
-    def output(self, layer: int, x: torch.Tensor) -> torch.Tensor:
-        """The MLP contribution [P, d] float32 of ``layer`` given its live input x [P, d] float32."""
+    def __call__(self, layer: int, mlp_input: torch.Tensor, mlp_output: torch.Tensor) -> torch.Tensor:
+        """The MLP contribution [1, P, d] of ``layer`` given its live input [1, P, d] (a replace_mlp_outputs fn)."""
+        x = mlp_input[0].float().to(self.device)
         acts = self.features(layer, x)
         self.activations.append(acts)
         pos, idx = acts.nonzero(as_tuple=True)
-        for target in self.dicts.decoder_targets(layer):
-            weight = self.dicts.decoder_weight(layer, target)
-            rows = weight[idx.to(weight.device)].float().to(self.device) * acts[pos, idx][:, None]
-            self.writes[target].index_add_(0, pos, rows)
-        out = self.writes[layer] + self.dicts.decoder_bias(layer).float().to(self.device)
-        skip = self.dicts.skip_weight(layer)
-        if skip is not None:
-            out = out + (x.to(skip.device) @ skip.float()).to(self.device)  # float32, as in build_replacement
-        out = out + self.state.replacement.errors[layer]
-        return torch.where(self.state.constant[:, None], self.state.clean.layers[layer].mlp_output.float(), out)
-
-    def input_hook(self, layer: int):
-        def hook(module, args, output):
-            self.inputs[layer] = output[0].float()
-        return hook
-
-    def output_hook(self, layer: int):
-        def hook(module, args, output):
-            return self.output(layer, self.inputs.pop(layer).to(self.device))[None].to(output.dtype)
-        return hook
+        self.mlp.write(layer, pos, idx, acts[pos, idx])
+        state = self.state
+        return self.mlp.output(layer, x, state.replacement.errors[layer], state.clean.layers[layer].mlp_output)[None]
 
 
 @torch.no_grad()
@@ -277,12 +263,11 @@ def run_replacement(lm: LoadedModel, dicts: DictionarySet, state: CleanState,
     """One forward pass of ``state``'s tokens through the replacement model with error terms, with
     ``interventions`` (already resolved: see :func:`resolve_interventions`) and ``settings`` applied."""
     settings = settings or InterventionSettings()
-    mlps = _ReplacementMlps(dicts, state, interventions, settings)
+    mlps = _InterventionMlps(dicts, state, interventions, settings)
     with ExitStack() as stack, eager_attention(lm):
         add_freezing_hooks(stack, lm, state.clean, attention=settings.freeze_attention, norms=settings.freeze_norms)
-        for layer in range(lm.n_layers):  # after the freezing hooks: the inputs read are the frozen-norm ones
-            stack.callback(lm.mlp_input_module(layer).register_forward_hook(mlps.input_hook(layer)).remove)
-            stack.callback(lm.mlp_output_module(layer).register_forward_hook(mlps.output_hook(layer)).remove)
+        # after the freezing hooks: the inputs read are the frozen-norm ones
+        stack.enter_context(replace_mlp_outputs(lm, mlps))
         hidden = lm.text_model(input_ids=state.input_ids[None], use_cache=False).last_hidden_state[0]
     return ReplacementRun(hidden.float(), _sparse(mlps.activations))
 
@@ -341,24 +326,12 @@ def activation_at(features: ActiveFeatures, layer: int, feature: int, position: 
 
 def token_changes(lm: LoadedModel, clean_logits: torch.Tensor, logits: torch.Tensor, k: int = 10) -> list[TokenChange]:
     """The union of the ``k`` most likely tokens before and after (logits [V] each), most likely after first."""
-    clean_probs, probs = torch.softmax(clean_logits, -1), torch.softmax(logits, -1)
+    cap = lm.architecture.softcapped
+    clean_probs, probs = (torch.softmax(cap(lm.config, x), -1) for x in (clean_logits, logits))
     ids = dict.fromkeys(torch.cat([probs.topk(k).indices, clean_probs.topk(k).indices]).tolist())
     rows = [TokenChange(lm.tokenizer.decode([i]), i, float(clean_logits[i]), float(logits[i]), float(clean_probs[i]),
                         float(probs[i]), float(logits[i] - clean_logits[i])) for i in ids]
     return sorted(rows, key=lambda row: -row.probability)
-
-
-def prompt_ids(lm: LoadedModel, prompt: str | torch.Tensor, chat: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """(token ids [P], constant positions [P] bool) of a prompt string, or of token ids (only BOS constant)."""
-    if isinstance(prompt, str):
-        ids = lm.tokenize(prompt, chat=chat)
-        return ids[0], constant_positions(lm, ids, prompt, chat)
-    ids = prompt.reshape(-1).long()
-    if ids.numel() == 0:
-        raise CircuitscopeError("The prompt is empty; pass some text.")
-    constant = torch.zeros(len(ids), dtype=torch.bool)
-    constant[0] = int(ids[0]) == lm.tokenizer.bos_token_id
-    return ids, constant
 
 
 def intervene(lm: LoadedModel, dicts: DictionarySet, prompt: str | torch.Tensor,
@@ -367,7 +340,8 @@ def intervene(lm: LoadedModel, dicts: DictionarySet, prompt: str | torch.Tensor,
     """Run ``prompt`` (text, or token ids [P]) with ``interventions`` applied and return the new logits and
     feature activations beside the clean ones; ``top_changes`` describes the next-token logits at ``position``."""
     settings = settings or InterventionSettings()
-    ids, constant = prompt_ids(lm, prompt, chat)
+    tokens = tokenize_prompt(lm, prompt, chat)
+    ids, constant = tokens.ids, tokens.constant
     P = len(ids)
     if not -P <= position < P:
         raise CircuitscopeError(f"position {position} is outside the prompt's {P} tokens; pass 0..{P - 1}")

@@ -22,12 +22,12 @@ from pydantic import BaseModel, ConfigDict, Field
 from dictionaries.dictionary_set import DictionarySet
 from dictionaries.errors import CircuitscopeError
 from dictionaries.models.loading import LoadedModel
+from dictionaries.models.tokenization import tokenize_prompt
 
 from .feature_interventions import (
     FeatureIntervention,
     InterventionSettings,
     prepare_clean_state,
-    prompt_ids,
     resolve_interventions,
     run_replacement,
     unembed,
@@ -79,8 +79,8 @@ def generate(lm: LoadedModel, dicts: DictionarySet, prompt: str | torch.Tensor,
     settings = settings or InterventionSettings()
     generation = generation or GenerationSettings()
     dicts.check_fits(lm.n_layers, lm.d_model, lm.name)
-    ids, constant = prompt_ids(lm, prompt, chat)
-    ids, constant = ids.to(lm.device), constant.to(lm.device)
+    tokens = tokenize_prompt(lm, prompt, chat)
+    ids, constant = tokens.ids.to(lm.device), tokens.constant.to(lm.device)
     resolved = resolve_interventions(interventions, dicts, len(ids), constant)
     limit = int(lm.config.max_position_embeddings)
     if len(ids) + generation.max_new_tokens > limit:

@@ -38,7 +38,7 @@ from dictionaries.dictionary_set import DictionarySet
 from dictionaries.errors import CircuitscopeError
 from dictionaries.models.loading import LoadedModel
 
-from ..engine.attribution import constant_positions
+from dictionaries.models.tokenization import constant_positions
 from ..graph.attribution_graph import AttributionGraph
 from ..graph.lookup import require_node, top_logit
 from ..graph.unpruned import full_graph

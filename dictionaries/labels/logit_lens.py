@@ -37,7 +37,7 @@ def excluded_tokens(tokenizer, vocab_size: int) -> torch.Tensor:
 
 def unembedding(lm: LoadedModel) -> tuple[torch.Tensor, torch.Tensor]:
     """(W_U [V, d_model], final-norm gain 1 + w [d_model]), float32."""
-    return lm.lm_head.weight.detach().float(), 1.0 + lm.text_model.norm.weight.detach().float()
+    return lm.lm_head.weight.detach().float(), lm.architecture.norm.gain(lm.final_norm)
 
 
 @torch.no_grad()

@@ -23,24 +23,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from ..errors import ModelLoadError
+from .registry import GEMMA3_CHAT_TEMPLATE
 
 DEFAULT_CHECKPOINT_NAME = "gemma-3-270m"
 
 # The tokenizer check: what the real Gemma 3 tokenizer gives for this prompt (BOS first).
 CHECK_PROMPT = "The capital of France is"
 CHECK_IDS = [2, 818, 5279, 529, 7001, 563]
-
-# Gemma 3's turn format (what the official chat template renders for user/model turns without images).
-# The GGUF of the base model carries no chat template, so the conversion adds this one; tokenizers of
-# the family that lack a template fall back to it as well.
-GEMMA3_CHAT_TEMPLATE = (
-    "{{ bos_token }}"
-    "{%- for message in messages -%}"
-    "{%- set role = 'model' if message['role'] == 'assistant' else message['role'] -%}"
-    "{{ '<start_of_turn>' + role + '\n' + (message['content'] | trim) + '<end_of_turn>\n' }}"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{ '<start_of_turn>model\n' }}{%- endif -%}"
-)
 
 _CONVERT_MESSAGE = (
     "circuitscope: converting the Gemma 3 270M GGUF to a cached checkpoint (once, about a minute)..."

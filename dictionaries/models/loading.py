@@ -1,11 +1,13 @@
 """Load a Gemma 3 model (short name, local checkpoint directory or hub id) as a :class:`LoadedModel`.
 
-A :class:`LoadedModel` bundles the Hugging Face model with its tokenizer, its registry entry and the
-modules the rest of the package needs: the text decoder stack (``embed_tokens``, ``layers``, ``norm``,
-``rotary_emb``), the unembedding and the per-layer hook sites. Text-only sizes (270M, 1B) load as
-``Gemma3ForCausalLM`` (stack at ``model.model``); 4B and larger load as the image-text
-``Gemma3ForConditionalGeneration`` (stack at ``model.model.language_model``). The stack is found through
-the registry's ``text_stack_paths``, so both classes look the same from here on.
+A :class:`LoadedModel` bundles the Hugging Face model with its tokenizer, its registry entry and family, and
+the modules the rest of the package needs, found through the family's
+:class:`~dictionaries.models.architecture.Architecture`: the text decoder stack, its embedding, layers and final
+norm, the unembedding and the per-layer hook sites. The transformers class comes from the family's
+``model_classes`` by ``config.model_type``: Gemma 3's text-only sizes (270M, 1B) load as ``Gemma3ForCausalLM``
+(stack at ``model.model``); 4B and larger as the image-text ``Gemma3ForConditionalGeneration`` (stack at
+``model.model.language_model``). The stack is found through the family's ``text_stack_paths``, so both classes
+look the same from here on.
 """
 
 from __future__ import annotations
@@ -20,12 +22,15 @@ import torch
 from torch import nn
 
 from ..errors import CircuitscopeError, ModelLoadError
-from .default_model import GEMMA3_CHAT_TEMPLATE, ensure_default_checkpoint
+from .default_model import ensure_default_checkpoint
+from .tokenization import token_ids
+from .architecture import Architecture, submodule
 from .registry import (
     DEFAULT_MODEL,
-    GEMMA3,
+    FAMILIES,
     ModelEntry,
     ModelFamily,
+    family_of_model_type,
     known_names,
     lookup,
     match_config,
@@ -34,21 +39,17 @@ from .registry import (
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-# config.model_type -> the transformers class that loads it.
-SUPPORTED_MODEL_TYPES = {
-    "gemma3_text": "Gemma3ForCausalLM",  # 270M, 1B
-    "gemma3": "Gemma3ForConditionalGeneration",  # 4B, 12B, 27B (image-text)
-}
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 @dataclass
 class LoadedModel:
-    """A loaded Gemma 3 model in eval mode with frozen parameters, plus what circuitscope needs of it.
+    """A loaded model in eval mode with frozen parameters, plus what circuitscope needs of it.
 
     ``entry`` is the registry entry (size and variant) or None for a model whose shape matches no
-    family size. ``text_model`` is the ``Gemma3TextModel`` decoder stack; ``lm_head`` maps its final
+    family size. ``family`` describes its architecture (module names, norm style); every module the
+    package hooks is found through it. ``text_model`` is the decoder stack; ``lm_head`` maps its final
     normed residual [batch, seq, d_model] to logits [batch, seq, vocab].
     """
 
@@ -59,6 +60,10 @@ class LoadedModel:
     family: ModelFamily
     text_model: nn.Module
     lm_head: nn.Module
+
+    @property
+    def architecture(self) -> Architecture:
+        return self.family.architecture
 
     @property
     def config(self):
@@ -76,24 +81,41 @@ class LoadedModel:
     @property
     def device(self) -> torch.device:
         """Where inputs go: the device of the token embedding."""
-        return self.text_model.embed_tokens.weight.device
+        return self.embedding.weight.device
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.text_model.embed_tokens.weight.dtype
+        return self.embedding.weight.dtype
 
     @property
     def layers(self) -> nn.ModuleList:
         """The decoder layers, ``layers[L]`` for L in ``range(n_layers)``."""
-        return self.text_model.layers
+        return submodule(self.text_model, self.architecture.layers)
+
+    @property
+    def embedding(self) -> nn.Module:
+        """The token embedding module (its output is what enters the residual stream, up to the family's scale)."""
+        return submodule(self.text_model, self.architecture.embedding)
+
+    @property
+    def final_norm(self) -> nn.Module:
+        """The norm between the last layer and the unembedding."""
+        return submodule(self.text_model, self.architecture.final_norm)
+
+    def layer_module(self, layer: int, path: str | None) -> nn.Module | None:
+        """The module at attribute ``path`` of decoder layer ``layer`` (None when ``path`` is None or absent)."""
+        return submodule(self.layers[self._check_layer(layer)], path)
+
+    def attention_module(self, layer: int) -> nn.Module:
+        return self.layer_module(layer, self.architecture.attention)
 
     def mlp_input_module(self, layer: int) -> nn.Module:
         """The module whose output is the transcoder input of ``layer`` ([batch, seq, d_model])."""
-        return getattr(self.layers[self._check_layer(layer)], self.family.hook_sites.mlp_input)
+        return self.layer_module(layer, self.architecture.mlp_input)
 
     def mlp_output_module(self, layer: int) -> nn.Module:
         """The module whose output is the MLP contribution added to the residual at ``layer`` ([batch, seq, d_model])."""
-        return getattr(self.layers[self._check_layer(layer)], self.family.hook_sites.mlp_output)
+        return self.layer_module(layer, self.architecture.mlp_output)
 
     def _check_layer(self, layer: int) -> int:
         if not isinstance(layer, int) or not 0 <= layer < self.n_layers:
@@ -101,34 +123,9 @@ class LoadedModel:
         return layer
 
     def tokenize(self, prompt: str, chat: bool = False) -> torch.LongTensor:
-        """Token ids [1, seq] of ``prompt`` on :attr:`device`, starting with BOS.
-
-        ``chat=True`` wraps the prompt as one user turn of the tokenizer's chat template followed by the
-        generation prompt (Gemma 3's ``<start_of_turn>user ... <start_of_turn>model\\n`` format is used
-        when the tokenizer has no template).
-        """
-        if not isinstance(prompt, str) or not prompt.strip():
-            raise CircuitscopeError("The prompt is empty; pass some text to trace.")
-        tok = self.tokenizer
-        if chat:
-            text = tok.apply_chat_template(
-                [{"role": "user", "content": prompt}],
-                chat_template=None if tok.chat_template else GEMMA3_CHAT_TEMPLATE,
-                add_generation_prompt=True,
-                tokenize=False,
-            )
-            ids = list(tok(text, add_special_tokens=False)["input_ids"])
-        else:
-            ids = list(tok(prompt, add_special_tokens=True)["input_ids"])
-        bos = tok.bos_token_id
-        if bos is not None and (not ids or ids[0] != bos):
-            ids = [bos] + ids
-        limit = int(self.config.max_position_embeddings)
-        if len(ids) > limit:
-            raise CircuitscopeError(
-                f"The prompt is {len(ids)} tokens long but {self.name} takes at most {limit}; shorten it."
-            )
-        return torch.tensor([ids], dtype=torch.long, device=self.device)
+        """Token ids [1, seq] of ``prompt`` on :attr:`device`, starting with BOS (see
+        :func:`~dictionaries.models.tokenization.token_ids`; ``tokenize_prompt`` also gives the constant positions)."""
+        return token_ids(self, prompt, chat)
 
 
 def load_model(
@@ -170,17 +167,26 @@ def load_model(
         load_kwargs["local_files_only"] = True
 
     model, tokenizer = _load_hf(source, name, from_hub, load_kwargs)
+    family = entry.family if entry is not None else family_of_model_type(model.config.model_type)
+    return wrap_model(model, tokenizer, family, name, entry)
+
+
+def wrap_model(model: nn.Module, tokenizer, family: ModelFamily, name: str,
+               entry: ModelEntry | None = None) -> LoadedModel:
+    """A :class:`LoadedModel` around an already built Hugging Face model of ``family`` (eval mode, frozen).
+
+    :func:`load_model` ends here; tests and other families' loaders can call it directly. Without ``entry`` the
+    family size is matched by the config's layer count and d_model (None for a custom shape)."""
     model.eval()
     model.requires_grad_(False)
-    family = entry.family if entry is not None else GEMMA3
     text_model = _find_text_stack(model, family, name)
+    _check_embedding_scale(text_model, family, name)
     if entry is None:
-        size = match_config(int(text_model.config.num_hidden_layers), int(text_model.config.hidden_size))
+        size = match_config(int(text_model.config.num_hidden_layers), int(text_model.config.hidden_size), family)
         if size is not None:
             variant = "it" if re.search(r"-it\b", Path(name).name, re.IGNORECASE) else "pt"
             entry = ModelEntry(family, size, variant)
-    lm_head = model.get_output_embeddings()
-    return LoadedModel(model, tokenizer, name, entry, family, text_model, lm_head)
+    return LoadedModel(model, tokenizer, name, entry, family, text_model, model.get_output_embeddings())
 
 
 def model_dimensions(name_or_path: str | os.PathLike) -> tuple[int, int]:
@@ -233,10 +239,12 @@ def _load_hf(source: str, name: str, from_hub: bool, load_kwargs: dict):
     try:
         config = transformers.AutoConfig.from_pretrained(source, **hub_kwargs)
         model_type = getattr(config, "model_type", None)
-        if model_type not in SUPPORTED_MODEL_TYPES:
+        family = family_of_model_type(model_type)
+        if family is None:
+            supported = {t: c for f in FAMILIES for t, c in f.model_classes.items()}
             raise ModelLoadError(
                 f"{name} is a {model_type!r} model; circuitscope supports Gemma 3 checkpoints: "
-                + ", ".join(f"model_type {t!r} ({c})" for t, c in SUPPORTED_MODEL_TYPES.items())
+                + ", ".join(f"model_type {t!r} ({c})" for t, c in supported.items())
                 + ". Pass a Gemma 3 checkpoint or one of: " + ", ".join(known_names())
             )
         if not from_hub and not any((Path(source) / f).is_file() for f in _TOKENIZER_FILES):
@@ -245,7 +253,7 @@ def _load_hf(source: str, name: str, from_hub: bool, load_kwargs: dict):
                 f"{source} has no tokenizer ({' or '.join(_TOKENIZER_FILES)}); save the tokenizer next to the "
                 "model with tokenizer.save_pretrained(directory)."
             )
-        model_class = getattr(transformers, SUPPORTED_MODEL_TYPES[model_type])
+        model_class = getattr(transformers, family.model_classes[model_type])
         model = model_class.from_pretrained(source, config=config, **load_kwargs)
         tokenizer = transformers.AutoTokenizer.from_pretrained(source, **hub_kwargs)
     except ModelLoadError:
@@ -296,18 +304,31 @@ def _chain(exc: BaseException | None):
 
 def _find_text_stack(model: nn.Module, family: ModelFamily, name: str) -> nn.Module:
     """The decoder stack at the first of ``family.text_stack_paths`` that exists in ``model``."""
+    arch = family.architecture
     for path in family.text_stack_paths:
-        module = model
-        for attribute in path.split("."):
-            module = getattr(module, attribute, None)
-            if module is None:
-                break
-        if module is not None and hasattr(module, "layers") and hasattr(module, "embed_tokens"):
+        module = submodule(model, path)
+        if module is not None and hasattr(module, arch.layers) and hasattr(module, arch.embedding):
             return module
     raise ModelLoadError(
         f"{name}: found no text decoder stack at any of {', '.join(family.text_stack_paths)}; "
         "this transformers version nests Gemma 3 differently. Install transformers>=5.23,<6."
     )
+
+
+def _check_embedding_scale(text_model: nn.Module, family: ModelFamily, name: str) -> None:
+    """The embedding module must output its rows times the family's embedding factor (the token nodes are its
+    output, as the residual stream receives it); a family description that says otherwise is refused."""
+    embedding = submodule(text_model, family.architecture.embedding)
+    factor = family.architecture.embedding_factor(text_model.config)
+    token = torch.zeros(1, 1, dtype=torch.long, device=embedding.weight.device)
+    with torch.no_grad():
+        measured = embedding(token)[0, 0].float()
+    expected = embedding.weight[0].float() * factor
+    if not torch.allclose(measured, expected, rtol=1e-2, atol=1e-6 * factor):
+        raise ModelLoadError(
+            f"{name}: the {family.name} family says its embedding module scales by {factor:g}, but "
+            f"{type(embedding).__name__} does not; fix the family's Architecture.embedding_scale"
+        )
 
 
 def _on_cpu_only(device, device_map) -> bool:

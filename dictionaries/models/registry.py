@@ -1,8 +1,10 @@
-"""The Gemma 3 family: sizes, layer counts, widths, hub ids, Gemma Scope 2 repositories and hook sites.
+"""Model families: sizes, layer counts, widths, hub ids, Gemma Scope 2 repositories, the transformers classes
+that load them and their architecture description (module names, hook sites, norm style; see
+:mod:`dictionaries.models.architecture`).
 
-Code that needs to know anything about a model size looks it up here; nothing else matches on
-repository names. A model loaded from a directory or hub id is matched to its entry by its config
-(layer count and d_model), never by its name.
+Code that needs to know anything about a model size or family looks it up here; nothing else matches on
+repository names. A model loaded from a directory or hub id is matched to its family by ``config.model_type``
+and to its size by its config (layer count and d_model), never by its name.
 """
 
 from __future__ import annotations
@@ -10,20 +12,21 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from .architecture import Architecture
+
 Variant = Literal["pt", "it"]
 
-
-@dataclass(frozen=True)
-class HookSites:
-    """Where a transcoder reads and writes, as module names inside one decoder layer.
-
-    Gemma Scope 2 convention: the transcoder input is the output of ``pre_feedforward_layernorm``
-    (what the MLP reads), the transcoder output is the output of ``post_feedforward_layernorm``
-    (what is added to the residual stream).
-    """
-
-    mlp_input: str = "pre_feedforward_layernorm"
-    mlp_output: str = "post_feedforward_layernorm"
+# Gemma 3's turn format (what the official chat template renders for user/model turns without images).
+# The GGUF of the base model carries no chat template, so the conversion adds this one; tokenizers of
+# the family that lack a template fall back to it as well.
+GEMMA3_CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{%- for message in messages -%}"
+    "{%- set role = 'model' if message['role'] == 'assistant' else message['role'] -%}"
+    "{{ '<start_of_turn>' + role + '\n' + (message['content'] | trim) + '<end_of_turn>\n' }}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<start_of_turn>model\n' }}{%- endif -%}"
+)
 
 
 @dataclass(frozen=True)
@@ -54,11 +57,17 @@ class ModelSize:
 
 @dataclass(frozen=True)
 class ModelFamily:
+    """One family: its sizes, how its modules are laid out (``architecture``; the hook sites are its
+    ``mlp_input`` and ``mlp_output``), the transformers class for each ``config.model_type`` it covers, and
+    the attribute paths from a loaded top-level model to its text decoder stack, tried in order."""
+
     name: str
     sizes: tuple[ModelSize, ...]
-    hook_sites: HookSites
-    # Attribute paths from the loaded top-level model to the text decoder stack, tried in order.
+    architecture: Architecture
+    model_classes: dict[str, str]
     text_stack_paths: tuple[str, ...]
+    # The chat format used for ``--chat`` when a checkpoint's tokenizer carries no template.
+    chat_template: str | None = None
 
 
 GEMMA3 = ModelFamily(
@@ -76,8 +85,15 @@ GEMMA3 = ModelFamily(
         ModelSize("27b", 62, 5376, 21504, True,
                   {"pt": "google/gemma-3-27b-pt", "it": "google/gemma-3-27b-it"}),
     ),
-    hook_sites=HookSites(),
+    # Gemma Scope 2's hook sites: transcoders read pre_feedforward_layernorm's output and stand in for
+    # post_feedforward_layernorm's (the Architecture defaults); norms scale by 1 + w; embeddings by sqrt(d).
+    architecture=Architecture(),
+    model_classes={
+        "gemma3_text": "Gemma3ForCausalLM",  # 270M, 1B
+        "gemma3": "Gemma3ForConditionalGeneration",  # 4B, 12B, 27B (image-text; text stack under language_model)
+    },
     text_stack_paths=("model.language_model", "model"),
+    chat_template=GEMMA3_CHAT_TEMPLATE,
 )
 
 FAMILIES: tuple[ModelFamily, ...] = (GEMMA3,)
@@ -127,13 +143,19 @@ def lookup(name: str) -> ModelEntry | None:
     return None
 
 
-def match_config(n_layers: int, d_model: int) -> ModelSize | None:
-    """The family size whose shape a loaded model's config has, or None for a custom model."""
-    for family in FAMILIES:
+def match_config(n_layers: int, d_model: int, family: ModelFamily | None = None) -> ModelSize | None:
+    """The size (of ``family``, or of any family) whose shape a loaded model's config has, or None for a
+    custom model."""
+    for family in FAMILIES if family is None else (family,):
         for size in family.sizes:
             if (size.n_layers, size.d_model) == (n_layers, d_model):
                 return size
     return None
+
+
+def family_of_model_type(model_type: str | None) -> ModelFamily | None:
+    """The family whose checkpoints have this ``config.model_type``, or None."""
+    return next((f for f in FAMILIES if model_type in f.model_classes), None)
 
 
 def known_names() -> list[str]:
