@@ -35,6 +35,7 @@ from ..config import ActivationConfig, DictionaryConfig
 from ..dictionary_set import DictionarySet
 from ..errors import CircuitscopeError, DictionaryFileError
 from ..safetensors_io import read_header, read_tensors, write_tensors
+from .shapes import Dim, SourceDims, check_source_shapes
 
 TRANSCODER_DIR = "transcoder_all"
 PARAMS_FILE = "params.safetensors"
@@ -166,29 +167,18 @@ def load_gemma_scope_2(
 
 
 def _check_source(
-    path: Path, layer: int, raw: dict[str, torch.Tensor], d_model: int | None, n_dec: int | None
-) -> int:
-    """Check shapes in the file's own names and orientation (``n_dec``: a CLT's w_dec targets); returns d_model."""
-    w_enc = raw["w_enc"]
-    if w_enc.ndim != 2 or 0 in w_enc.shape:
-        raise DictionaryFileError(
-            path, f"tensor 'w_enc' has shape {list(w_enc.shape)}, expected [d_model, d_sae]", _REDOWNLOAD
-        )
-    d, w = w_enc.shape
-    if d_model is not None and d != d_model:
-        raise DictionaryFileError(
-            path, f"layer {layer} has d_model {d} but layer 0 has d_model {d_model}",
-            "All layers must be transcoders of the same model; download the matching files",
-        )
-    w_dec = (w, d) if n_dec is None else (w, n_dec, d)
-    expected = {"b_enc": (w,), "threshold": (w,), "w_dec": w_dec, "b_dec": (d,), SKIP: (d, d)}
-    for name, shape in expected.items():
-        if name in raw and tuple(raw[name].shape) != shape:
-            raise DictionaryFileError(
-                path, f"tensor {name!r} of layer {layer} has shape {list(raw[name].shape)}, expected {list(shape)} "
-                f"(d_model {d}, d_sae {w})", _REDOWNLOAD,
-            )
-    return d
+    path: Path, layer: int, raw: dict[str, torch.Tensor], first: SourceDims | None, n_dec: int | None
+) -> SourceDims:
+    """Check shapes in the file's own names and orientation against layer 0's ``first`` (``n_dec``: a CLT's
+    w_dec targets, and its one width); returns the layer's sizes."""
+    w_dec: tuple[Dim, ...] = ("d_sae", "d_model") if n_dec is None else ("d_sae", n_dec, "d_model")
+    expected: dict[str, tuple[Dim, ...]] = {
+        "b_enc": ("d_sae",), "threshold": ("d_sae",), "w_dec": w_dec, "b_dec": ("d_model",),
+        SKIP: ("d_model", "d_model"),
+    }
+    return check_source_shapes(
+        path, layer, raw, "w_enc", ("d_model", "d_sae"), expected, first, _REDOWNLOAD, one_width=n_dec is not None
+    )
 
 
 def _build(
@@ -206,7 +196,7 @@ def _build(
 
 def _load_per_layer(path: Path, chosen: list[LayerFolder], verify_values: bool) -> DictionarySet:
     root = transcoder_root(path)
-    layers, paths, d_model = [], [], None
+    layers, paths, first = [], [], None
     for folder in chosen:
         file = root / folder.name / PARAMS_FILE
         if not file.is_file():
@@ -215,7 +205,8 @@ def _load_per_layer(path: Path, chosen: list[LayerFolder], verify_values: bool) 
         if SKIP in header and not folder.affine:
             raise DictionaryFileError(file, f"has {SKIP} but its folder name has no _affine suffix", _REDOWNLOAD)
         raw = read_tensors(file, _REQUIRED + ([SKIP] if folder.affine else []))
-        d_model = _check_source(file, folder.layer, raw, d_model, None)
+        dims = _check_source(file, folder.layer, raw, first, None)
+        first = first or dims
         layers.append({_NATIVE_NAMES[name]: tensor for name, tensor in raw.items()})
         paths.append(file)
     folders = json.dumps([f.name for f in chosen])
@@ -233,7 +224,7 @@ def _load_clt(path: Path, files: dict[int, Path], verify_values: bool) -> Dictio
     if missing:
         raise DictionaryFileError(path, f"missing {', '.join(missing)}", "Download every layer's file of the CLT")
     skip = SKIP in read_header(files[0])[0]
-    layers, paths, d_model, earlier = [], [], None, []
+    layers, paths, first, earlier = [], [], None, []
     for i in range(n_layers):
         file = files[i]
         if (SKIP in read_header(file)[0]) != skip:
@@ -247,12 +238,8 @@ def _load_clt(path: Path, files: dict[int, Path], verify_values: bool) -> Dictio
                 "here",
                 f"Download params_layer_{n_layers}.safetensors to params_layer_{w_dec.shape[1] - 1}.safetensors too",
             )
-        d_model = _check_source(file, i, raw, d_model, n_layers)
-        if i > 0 and raw["w_enc"].shape[1] != layers[0]["W_enc"].shape[1]:
-            raise DictionaryFileError(
-                file, f"layer {i} has d_sae {raw['w_enc'].shape[1]} but layer 0 has {layers[0]['W_enc'].shape[1]}; "
-                "a CLT has one width", _REDOWNLOAD,
-            )
+        dims = _check_source(file, i, raw, first, n_layers)
+        first = first or dims
         if verify_values and i > 0 and _any_nonzero(w_dec[:, :i, :]):
             earlier.append(file.name)
         tensors = {_NATIVE_NAMES[name]: tensor for name, tensor in raw.items()}
@@ -325,3 +312,4 @@ def save_gemma_scope_2(dictionaries: DictionarySet, directory: str | Path, overw
                 tmp / TRANSCODER_DIR / folders[layer] / PARAMS_FILE)
             write_tensors(target, gemma_scope_2_tensors(dictionaries, layer))
     return Path(directory)
+
