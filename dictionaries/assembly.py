@@ -107,6 +107,18 @@ def build_dictionary_set(
     return CrossLayerTranscoder.from_layer_tensors(config, layers)
 
 
+def cast(
+    dictionaries: DictionarySet, dtype: torch.dtype | None = None, device: str | torch.device | None = None
+) -> DictionarySet:
+    """``dictionaries`` in ``dtype`` on ``device``, its config's dtype updated; unchanged (and still
+    memory-mapped) when both are None."""
+    if dtype is not None and dtype != dictionaries.dtype:
+        dictionaries.config.dtype = dtype_name(dtype)
+    if dtype is not None or device is not None:
+        dictionaries = dictionaries.to(device=device, dtype=dtype)
+    return dictionaries
+
+
 def random_dictionary_set(
     n_layers: int,
     d_model: int,

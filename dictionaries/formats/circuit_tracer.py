@@ -29,6 +29,7 @@ from ..config import ActivationConfig, Architecture, DictionaryConfig
 from ..dictionary_set import DictionarySet
 from ..errors import CircuitscopeError, DictionaryFileError
 from ..safetensors_io import read_header, read_tensors, write_tensors
+from .format import DictionaryFormat, register
 from .native import is_native_directory
 from .shapes import check_source_shapes
 
@@ -170,3 +171,8 @@ def save_circuit_tracer(dictionaries: DictionarySet, directory: str | Path, over
                 write_tensors(tmp / f"layer_{i}.safetensors", out)
     return Path(directory)
 
+
+CIRCUIT_TRACER = register(DictionaryFormat(
+    name="circuit-tracer", layout="layer_{L}.safetensors, or W_enc_{i}.safetensors + W_dec_{i}.safetensors",
+    detect=is_circuit_tracer_directory, load=load_circuit_tracer, save=save_circuit_tracer,
+))

@@ -35,6 +35,7 @@ from ..config import ActivationConfig, DictionaryConfig
 from ..dictionary_set import DictionarySet
 from ..errors import CircuitscopeError, DictionaryFileError
 from ..safetensors_io import read_header, read_tensors, write_tensors
+from .format import DictionaryFormat, Selector, register
 from .shapes import Dim, SourceDims, check_source_shapes
 
 TRANSCODER_DIR = "transcoder_all"
@@ -48,6 +49,9 @@ _NATIVE_NAMES = {
     "w_enc": "W_enc", "b_enc": "b_enc", "threshold": "threshold", "w_dec": "W_dec", "b_dec": "b_dec", SKIP: "W_skip",
 }
 _REDOWNLOAD = "Download the Gemma Scope 2 files again"
+WIDTH = Selector("width", "Gemma Scope 2: width folder label to pick, e.g. 16k.")
+L0 = Selector("l0", "Gemma Scope 2: l0 folder label to pick, e.g. small.")
+AFFINE = Selector("affine", "Gemma Scope 2: pick the affine (skip) folders or not.", is_flag=True)
 _SELECT = "Choose with the width=, l0= and affine= selectors"
 
 
@@ -313,3 +317,10 @@ def save_gemma_scope_2(dictionaries: DictionarySet, directory: str | Path, overw
             write_tensors(target, gemma_scope_2_tensors(dictionaries, layer))
     return Path(directory)
 
+
+GEMMA_SCOPE_2 = register(DictionaryFormat(
+    name="gemma-scope-2",
+    layout="transcoder_all/layer_{L}_width_{W}_l0_{X}[_affine]/params.safetensors, or params_layer_{i}.safetensors",
+    detect=is_gemma_scope_2_directory, load=load_gemma_scope_2, save=save_gemma_scope_2,
+    selectors=(WIDTH, L0, AFFINE), variants="Gemma Scope 2 folders", priority=10,
+))
