@@ -52,7 +52,6 @@ _REDOWNLOAD = "Download the Gemma Scope 2 files again"
 WIDTH = Selector("width", "Gemma Scope 2: width folder label to pick, e.g. 16k.")
 L0 = Selector("l0", "Gemma Scope 2: l0 folder label to pick, e.g. small.")
 AFFINE = Selector("affine", "Gemma Scope 2: pick the affine (skip) folders or not.", is_flag=True)
-_SELECT = "Choose with the width=, l0= and affine= selectors"
 
 
 @dataclass(frozen=True)
@@ -71,6 +70,11 @@ class LayerFolder:
         if match is None:
             return None
         return cls(name, int(match[1]), match[2], match[3], match[4] is not None)
+
+    @property
+    def cli_args(self) -> str:
+        """The command-line selectors that choose this folder's variant: ``--width 16k --l0 small --affine``."""
+        return " ".join(s.cli_args(v) for s, v in ((WIDTH, self.width), (L0, self.l0), (AFFINE, self.affine)))
 
 
 def width_token(width: int) -> str:
@@ -138,14 +142,16 @@ def select_folders(
         if len(matches) != 1:
             wanted = f"width={width!r}, l0={l0!r}, affine={affine!r}"
             how = "no folder matches" if not matches else "several folders match"
+            variants = " or ".join(f"'{f.cli_args}'" for f in matches or options)
             raise DictionaryFileError(
-                root, f"layer {layer}: {how} {wanted}; available: {', '.join(f.name for f in options)}", _SELECT
+                root, f"layer {layer}: {how} {wanted}; available: {', '.join(f.name for f in options)}",
+                f"Choose one variant with the width=, l0= and affine= selectors; on the command line: {variants}",
             )
         chosen.append(matches[0])
     if len({f.affine for f in chosen}) > 1:
         raise DictionaryFileError(
             root, "some chosen layers have an affine skip connection and some do not "
-            f"({', '.join(f.name for f in chosen)})", "Pass affine=True or affine=False",
+            f"({', '.join(f.name for f in chosen)})", "Pass affine=True or affine=False (on the command line: --affine or --no-affine)",
         )
     return chosen
 
