@@ -8,10 +8,25 @@ import sys
 import click
 
 from dictionaries.errors import CircuitscopeError
+from dictionaries.formats import format_names, registered_selectors
 
 from .app import Group, main
 
-FORMATS = ("gemma-scope-2", "circuit-tracer", "native")
+
+class FormatChoice(click.Choice):
+    """The registered dictionary formats, read when a command runs (so a format registered after this
+    module was imported is a choice too)."""
+
+    def __init__(self) -> None:
+        super().__init__(())
+
+    @property
+    def choices(self) -> tuple[str, ...]:  # type: ignore[override]
+        return format_names()
+
+    @choices.setter
+    def choices(self, _: object) -> None:  # click.Choice.__init__ assigns; the registry is the source
+        pass
 
 
 @main.group(cls=Group)
@@ -19,14 +34,13 @@ def dictionaries() -> None:
     """Inspect and convert dictionary sets (transcoders, skip transcoders, CLTs)."""
 
 
-def _selectors(width: str | None, l0: str | None, affine: bool | None) -> dict:
-    return {k: v for k, v in {"width": width, "l0": l0, "affine": affine}.items() if v is not None}
+def _selectors(selectors: dict) -> dict:
+    return {k: v for k, v in selectors.items() if v is not None}
 
 
-_selector_options = [
-    click.option("--width", default=None, help="Gemma Scope 2: width folder label to pick, e.g. 16k."),
-    click.option("--l0", default=None, help="Gemma Scope 2: l0 folder label to pick, e.g. small."),
-    click.option("--affine/--no-affine", default=None, help="Gemma Scope 2: pick the affine (skip) folders or not."),
+_selector_options = [  # the selectors of the formats registered when the CLI is imported
+    click.option(f"--{s.name}/--no-{s.name}" if s.is_flag else f"--{s.name}", default=None, help=s.help)
+    for s in registered_selectors()
 ]
 
 
@@ -51,19 +65,19 @@ def _with_selectors(fn):
 
 @dictionaries.command("info")
 @click.argument("path")
-@click.option("--format", "fmt", type=click.Choice(FORMATS), default=None, help="On-disk format (detected if omitted).")
+@click.option("--format", "fmt", type=FormatChoice(), default=None, help="On-disk format (detected if omitted).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @click.option("--no-verify", is_flag=True, help="Skip the scan for NaN/inf values (reads every weight once).")
 @_model_option
 @_with_selectors
-def dictionaries_info(path: str, fmt: str | None, as_json: bool, no_verify: bool, model, width, l0, affine) -> None:
+def dictionaries_info(path: str, fmt: str | None, as_json: bool, no_verify: bool, model, **selectors) -> None:
     """Describe the dictionary set at PATH (a directory or a hub id with subfolder)."""
     from dictionaries.formats.registry import detect_format, load_dictionaries
     from dictionaries.hub import resolve_dictionary_path
 
     local = resolve_dictionary_path(path)
     fmt = fmt or detect_format(local)
-    dicts = load_dictionaries(local, fmt, verify_values=not no_verify, **_selectors(width, l0, affine))
+    dicts = load_dictionaries(local, fmt, verify_values=not no_verify, **_selectors(selectors))
     _check_model(dicts, model)
     widths = dicts.widths
     info = {
@@ -88,19 +102,19 @@ def dictionaries_info(path: str, fmt: str | None, as_json: bool, no_verify: bool
 @dictionaries.command("convert")
 @click.argument("src")
 @click.argument("dst")
-@click.option("--from", "from_format", type=click.Choice(FORMATS), required=True, help="Format of SRC.")
+@click.option("--from", "from_format", type=FormatChoice(), required=True, help="Format of SRC.")
 @click.option("--force", is_flag=True, help="Replace DST if it exists.")
 @_model_option
 @_with_selectors
-def dictionaries_convert(src: str, dst: str, from_format: str, force: bool, model, width, l0, affine) -> None:
+def dictionaries_convert(src: str, dst: str, from_format: str, force: bool, model, **selectors) -> None:
     """Convert the dictionary set at SRC into the native format at DST (checked against --model first)."""
     from dictionaries.formats.registry import convert, load_dictionaries
     from dictionaries.hub import resolve_dictionary_path
 
     local = resolve_dictionary_path(src)
     if model is not None:
-        _check_model(load_dictionaries(local, from_format, verify_values=False, **_selectors(width, l0, affine)), model)
-    dicts = convert(local, dst, from_format, overwrite=force, **_selectors(width, l0, affine))
+        _check_model(load_dictionaries(local, from_format, verify_values=False, **_selectors(selectors)), model)
+    dicts = convert(local, dst, from_format, overwrite=force, **_selectors(selectors))
     click.echo(f"wrote {dicts.kind} ({dicts.n_layers} layers, d_model {dicts.d_model}) to {dst}")
 
 

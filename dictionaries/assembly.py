@@ -2,7 +2,8 @@
 
 Every reader (native, Gemma Scope 2, circuit-tracer) renames and reorients its tensors into the
 native layout first and then calls :func:`build_dictionary_set`, so shape, NaN and threshold checks,
-with their messages, live here once.
+with their messages, live here once (:func:`check_shape` also words the readers' checks of their own
+files, see :mod:`dictionaries.formats.shapes`).
 """
 
 from __future__ import annotations
@@ -34,6 +35,17 @@ def expected_shapes(config: DictionaryConfig, layer: int) -> dict[str, tuple[int
     return shapes
 
 
+def check_shape(
+    path: str | Path, layer: int, name: str, tensor: torch.Tensor, shape: Sequence[int], fix: str, note: str = ""
+) -> None:
+    """Raise DictionaryFileError (naming ``path``, ending in ``note`` then ``fix``) when ``tensor``, layer
+    ``layer``'s ``name``, does not have ``shape``. Every reader's shape message is this one."""
+    if tuple(tensor.shape) != tuple(shape):
+        raise DictionaryFileError(
+            path, f"tensor {name!r} of layer {layer} has shape {list(tensor.shape)}, expected {list(shape)}{note}", fix
+        )
+
+
 def validate_layer_tensors(
     config: DictionaryConfig, layer: int, tensors: dict[str, torch.Tensor], path: str | Path, verify_values: bool = True
 ) -> None:
@@ -48,11 +60,7 @@ def validate_layer_tensors(
         raise DictionaryFileError(path, f"layer {layer} has unexpected tensor(s) {', '.join(extra)}", _FIX_SHAPE)
     for name, shape in shapes.items():
         tensor = tensors[name]
-        if tuple(tensor.shape) != shape:
-            raise DictionaryFileError(
-                path, f"tensor {name!r} of layer {layer} has shape {list(tensor.shape)}, expected {list(shape)}",
-                _FIX_SHAPE,
-            )
+        check_shape(path, layer, name, tensor, shape, _FIX_SHAPE)
         if not tensor.is_floating_point():
             raise DictionaryFileError(path, f"tensor {name!r} has integer dtype {tensor.dtype}", _FIX_SHAPE)
     if verify_values:
@@ -97,6 +105,18 @@ def build_dictionary_set(
     if config.architecture == "per-layer":
         return TranscoderSet.from_layer_tensors(config, layers)
     return CrossLayerTranscoder.from_layer_tensors(config, layers)
+
+
+def cast(
+    dictionaries: DictionarySet, dtype: torch.dtype | None = None, device: str | torch.device | None = None
+) -> DictionarySet:
+    """``dictionaries`` in ``dtype`` on ``device``, its config's dtype updated; unchanged (and still
+    memory-mapped) when both are None."""
+    if dtype is not None and dtype != dictionaries.dtype:
+        dictionaries.config.dtype = dtype_name(dtype)
+    if dtype is not None or device is not None:
+        dictionaries = dictionaries.to(device=device, dtype=dtype)
+    return dictionaries
 
 
 def random_dictionary_set(

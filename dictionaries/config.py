@@ -13,10 +13,10 @@ file of source layer s is [d_sae, n_layers - s, d_model], its index j decoding t
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
 FORMAT_NAME = "circuitscope.dictionaries"
 FORMAT_VERSION = 1
@@ -29,7 +29,9 @@ ORIENTATION = (
 
 Architecture = Literal["per-layer", "cross-layer"]
 Kind = Literal["transcoder", "skip-transcoder", "clt"]
-SourceFormat = Literal["native", "gemma-scope-2", "circuit-tracer", "trained"]
+SourceFormat = Annotated[str, StringConstraints(pattern=r"^[a-z0-9]+(-[a-z0-9]+)*$")]
+"""Where the weights came from: ``trained`` or the name of the registered format they were read from
+(``gemma-scope-2``); a name, not a Literal, so that a new format needs no edit here."""
 DType = Literal["float32", "bfloat16", "float16"]
 
 

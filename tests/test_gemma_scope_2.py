@@ -253,6 +253,33 @@ def test_several_folders_per_layer_need_selectors(tmp_path):
         load_gemma_scope_2(tmp_path, width="1m")
 
 
+def test_an_ambiguous_folder_names_the_variants_and_the_flags_that_choose(tmp_path):
+    from click.testing import CliRunner
+
+    from cli import main
+
+    write_per_layer(tmp_path / "gs", l0="small")
+    write_per_layer(tmp_path / "gs", l0="big", width="16k")
+    write_per_layer(tmp_path / "gs", skip=True, l0="small")
+    flags = ["--width 16k --l0 big --no-affine", "--width 24 --l0 small --no-affine", "--width 24 --l0 small --affine"]
+    with pytest.raises(DictionaryFileError) as error:
+        load_gemma_scope_2(tmp_path / "gs")
+    assert error.value.fix == (
+        "Choose one variant with the width=, l0= and affine= selectors; on the command line: "
+        + " or ".join(f"'{f}'" for f in flags)
+    )
+    with pytest.raises(DictionaryFileError) as error:  # only the variants that match what was given
+        load_gemma_scope_2(tmp_path / "gs", width="24")
+    assert error.value.fix.endswith(f"on the command line: '{flags[1]}' or '{flags[2]}'")
+    result = CliRunner().invoke(main, ["dictionaries", "convert", str(tmp_path / "gs"), str(tmp_path / "out"),
+                                       "--from", "gemma-scope-2"])
+    assert result.exit_code == 2 and f"'{flags[2]}'" in result.output
+    result = CliRunner().invoke(main, ["dictionaries", "convert", str(tmp_path / "gs"), str(tmp_path / "out"),
+                                       "--from", "gemma-scope-2", *flags[2].split()])
+    assert result.exit_code == 0, result.output
+    assert json.loads(load_native(tmp_path / "out").config.metadata[FOLDERS_KEY]) == [folder(L, True) for L in range(3)]
+
+
 def test_layers_that_differ_in_skip_are_refused(tmp_path):
     write_per_layer(tmp_path)
     (tmp_path / "transcoder_all" / folder(1)).rename(tmp_path / "transcoder_all" / folder(1, skip=True))

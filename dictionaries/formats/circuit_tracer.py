@@ -29,7 +29,9 @@ from ..config import ActivationConfig, Architecture, DictionaryConfig
 from ..dictionary_set import DictionarySet
 from ..errors import CircuitscopeError, DictionaryFileError
 from ..safetensors_io import read_header, read_tensors, write_tensors
+from .format import DictionaryFormat, register
 from .native import is_native_directory
+from .shapes import check_source_shapes
 
 LAYER_PATTERN = re.compile(r"^layer_(\d+)\.safetensors$")
 CLT_PATTERN = re.compile(r"^W_enc_(\d+)\.safetensors$")
@@ -70,30 +72,6 @@ def _file_name(layer: int, clt: bool) -> str:
     return f"W_enc_{layer}.safetensors" if clt else f"layer_{layer}.safetensors"
 
 
-def _check_shapes(path: Path, layer: int, raw: dict[str, torch.Tensor], enc: str, d_model: int | None,
-                  expected: dict[str, tuple[int, ...]]) -> tuple[int, int]:
-    """Check shapes in the file's own names ([d_sae, d_model] encoder ``enc``); returns (d_model, d_sae)."""
-    w_enc = raw[enc]
-    if w_enc.ndim != 2 or 0 in w_enc.shape:
-        raise DictionaryFileError(
-            path, f"tensor {enc!r} has shape {list(w_enc.shape)}, expected [d_sae, d_model]", _FIX
-        )
-    w, d = w_enc.shape
-    if d_model is not None and d != d_model:
-        raise DictionaryFileError(
-            path, f"layer {layer} has d_model {d} but layer 0 has d_model {d_model}",
-            "All layers must be transcoders of the same model",
-        )
-    for name, shape in expected.items():
-        shape = tuple(d if s == -1 else w if s == -2 else s for s in shape)
-        if name in raw and tuple(raw[name].shape) != shape:
-            raise DictionaryFileError(
-                path, f"tensor {name!r} of layer {layer} has shape {list(raw[name].shape)}, expected {list(shape)} "
-                f"(d_model {d}, d_sae {w})", _FIX,
-            )
-    return d, w
-
-
 def _optional(path: Path, optional: dict[str, str], first: dict[str, bool], layer: int) -> list[str]:
     """The optional tensors (``{"threshold": name, "skip": name}``) the file has; every layer must have
     the same ones as layer 0."""
@@ -108,16 +86,16 @@ def _optional(path: Path, optional: dict[str, str], first: dict[str, bool], laye
     return [name for kind, name in optional.items() if present[kind]]
 
 
-
-
 def _load_per_layer(files: dict[int, Path], verify_values: bool) -> DictionarySet:
-    layers, paths, first, d_model = [], [], {}, None
+    layers, paths, first, layer_0 = [], [], {}, None
     for layer in range(len(files)):
         path = files[layer]
         optional = _optional(path, {"threshold": THRESHOLD, "skip": "W_skip"}, first, layer)
         raw = read_tensors(path, ["W_enc", "b_enc", "W_dec", "b_dec", *optional])
-        d_model, _ = _check_shapes(path, layer, raw, "W_enc", d_model, {
-            "b_enc": (-2,), "W_dec": (-2, -1), "b_dec": (-1,), THRESHOLD: (-2,), "W_skip": (-1, -1)})
+        dims = check_source_shapes(path, layer, raw, "W_enc", ("d_sae", "d_model"), {
+            "b_enc": ("d_sae",), "W_dec": ("d_sae", "d_model"), "b_dec": ("d_model",), THRESHOLD: ("d_sae",),
+            "W_skip": ("d_model", "d_model")}, layer_0, _FIX)
+        layer_0 = layer_0 or dims
         tensors = {"W_enc": raw["W_enc"].T, "b_enc": raw["b_enc"], "W_dec": raw["W_dec"], "b_dec": raw["b_dec"]}
         if THRESHOLD in raw:
             tensors["threshold"] = raw[THRESHOLD]
@@ -129,7 +107,7 @@ def _load_per_layer(files: dict[int, Path], verify_values: bool) -> DictionarySe
 
 
 def _load_clt(path: Path, n_layers: int, verify_values: bool) -> DictionarySet:
-    layers, paths, first, d_model = [], [], {}, None
+    layers, paths, first, layer_0 = [], [], {}, None
     for i in range(n_layers):
         enc_path, dec_path = path / f"W_enc_{i}.safetensors", path / f"W_dec_{i}.safetensors"
         if not dec_path.is_file():
@@ -137,13 +115,11 @@ def _load_clt(path: Path, n_layers: int, verify_values: bool) -> DictionarySet:
         optional = _optional(enc_path, {"threshold": f"threshold_{i}", "skip": f"W_skip_{i}"}, first, i)
         raw = read_tensors(enc_path, [f"W_enc_{i}", f"b_enc_{i}", f"b_dec_{i}", *optional])
         raw |= read_tensors(dec_path, [f"W_dec_{i}"])
-        d_model, width = _check_shapes(enc_path, i, raw, f"W_enc_{i}", d_model, {
-            f"b_enc_{i}": (-2,), f"b_dec_{i}": (-1,), f"threshold_{i}": (-2,), f"W_skip_{i}": (-1, -1)})
-        if i > 0 and width != layers[0]["W_enc"].shape[1]:
-            raise DictionaryFileError(
-                enc_path, f"layer {i} has d_sae {width} but layer 0 has {layers[0]['W_enc'].shape[1]}; "
-                "a CLT has one width", _FIX,
-            )
+        dims = check_source_shapes(enc_path, i, raw, f"W_enc_{i}", ("d_sae", "d_model"), {
+            f"b_enc_{i}": ("d_sae",), f"b_dec_{i}": ("d_model",), f"threshold_{i}": ("d_sae",),
+            f"W_skip_{i}": ("d_model", "d_model")}, layer_0, _FIX, one_width=True)
+        layer_0 = layer_0 or dims
+        width, d_model = dims.d_sae, dims.d_model
         if tuple(raw[f"W_dec_{i}"].shape) != (width, n_layers - i, d_model):
             raise DictionaryFileError(
                 dec_path, f"tensor 'W_dec_{i}' has shape {list(raw[f'W_dec_{i}'].shape)}, expected "
@@ -194,3 +170,9 @@ def save_circuit_tracer(dictionaries: DictionarySet, directory: str | Path, over
                 out |= {"W_skip": t["W_skip"].T} if "W_skip" in t else {}
                 write_tensors(tmp / f"layer_{i}.safetensors", out)
     return Path(directory)
+
+
+CIRCUIT_TRACER = register(DictionaryFormat(
+    name="circuit-tracer", layout="layer_{L}.safetensors, or W_enc_{i}.safetensors + W_dec_{i}.safetensors",
+    detect=is_circuit_tracer_directory, load=load_circuit_tracer, save=save_circuit_tracer,
+))

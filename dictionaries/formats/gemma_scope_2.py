@@ -35,6 +35,8 @@ from ..config import ActivationConfig, DictionaryConfig
 from ..dictionary_set import DictionarySet
 from ..errors import CircuitscopeError, DictionaryFileError
 from ..safetensors_io import read_header, read_tensors, write_tensors
+from .format import DictionaryFormat, Selector, register
+from .shapes import Dim, SourceDims, check_source_shapes
 
 TRANSCODER_DIR = "transcoder_all"
 PARAMS_FILE = "params.safetensors"
@@ -47,7 +49,9 @@ _NATIVE_NAMES = {
     "w_enc": "W_enc", "b_enc": "b_enc", "threshold": "threshold", "w_dec": "W_dec", "b_dec": "b_dec", SKIP: "W_skip",
 }
 _REDOWNLOAD = "Download the Gemma Scope 2 files again"
-_SELECT = "Choose with the width=, l0= and affine= selectors"
+WIDTH = Selector("width", "Gemma Scope 2: width folder label to pick, e.g. 16k.")
+L0 = Selector("l0", "Gemma Scope 2: l0 folder label to pick, e.g. small.")
+AFFINE = Selector("affine", "Gemma Scope 2: pick the affine (skip) folders or not.", is_flag=True)
 
 
 @dataclass(frozen=True)
@@ -66,6 +70,11 @@ class LayerFolder:
         if match is None:
             return None
         return cls(name, int(match[1]), match[2], match[3], match[4] is not None)
+
+    @property
+    def cli_args(self) -> str:
+        """The command-line selectors that choose this folder's variant: ``--width 16k --l0 small --affine``."""
+        return " ".join(s.cli_args(v) for s, v in ((WIDTH, self.width), (L0, self.l0), (AFFINE, self.affine)))
 
 
 def width_token(width: int) -> str:
@@ -133,14 +142,16 @@ def select_folders(
         if len(matches) != 1:
             wanted = f"width={width!r}, l0={l0!r}, affine={affine!r}"
             how = "no folder matches" if not matches else "several folders match"
+            variants = " or ".join(f"'{f.cli_args}'" for f in matches or options)
             raise DictionaryFileError(
-                root, f"layer {layer}: {how} {wanted}; available: {', '.join(f.name for f in options)}", _SELECT
+                root, f"layer {layer}: {how} {wanted}; available: {', '.join(f.name for f in options)}",
+                f"Choose one variant with the width=, l0= and affine= selectors; on the command line: {variants}",
             )
         chosen.append(matches[0])
     if len({f.affine for f in chosen}) > 1:
         raise DictionaryFileError(
             root, "some chosen layers have an affine skip connection and some do not "
-            f"({', '.join(f.name for f in chosen)})", "Pass affine=True or affine=False",
+            f"({', '.join(f.name for f in chosen)})", "Pass affine=True or affine=False (on the command line: --affine or --no-affine)",
         )
     return chosen
 
@@ -166,29 +177,18 @@ def load_gemma_scope_2(
 
 
 def _check_source(
-    path: Path, layer: int, raw: dict[str, torch.Tensor], d_model: int | None, n_dec: int | None
-) -> int:
-    """Check shapes in the file's own names and orientation (``n_dec``: a CLT's w_dec targets); returns d_model."""
-    w_enc = raw["w_enc"]
-    if w_enc.ndim != 2 or 0 in w_enc.shape:
-        raise DictionaryFileError(
-            path, f"tensor 'w_enc' has shape {list(w_enc.shape)}, expected [d_model, d_sae]", _REDOWNLOAD
-        )
-    d, w = w_enc.shape
-    if d_model is not None and d != d_model:
-        raise DictionaryFileError(
-            path, f"layer {layer} has d_model {d} but layer 0 has d_model {d_model}",
-            "All layers must be transcoders of the same model; download the matching files",
-        )
-    w_dec = (w, d) if n_dec is None else (w, n_dec, d)
-    expected = {"b_enc": (w,), "threshold": (w,), "w_dec": w_dec, "b_dec": (d,), SKIP: (d, d)}
-    for name, shape in expected.items():
-        if name in raw and tuple(raw[name].shape) != shape:
-            raise DictionaryFileError(
-                path, f"tensor {name!r} of layer {layer} has shape {list(raw[name].shape)}, expected {list(shape)} "
-                f"(d_model {d}, d_sae {w})", _REDOWNLOAD,
-            )
-    return d
+    path: Path, layer: int, raw: dict[str, torch.Tensor], first: SourceDims | None, n_dec: int | None
+) -> SourceDims:
+    """Check shapes in the file's own names and orientation against layer 0's ``first`` (``n_dec``: a CLT's
+    w_dec targets, and its one width); returns the layer's sizes."""
+    w_dec: tuple[Dim, ...] = ("d_sae", "d_model") if n_dec is None else ("d_sae", n_dec, "d_model")
+    expected: dict[str, tuple[Dim, ...]] = {
+        "b_enc": ("d_sae",), "threshold": ("d_sae",), "w_dec": w_dec, "b_dec": ("d_model",),
+        SKIP: ("d_model", "d_model"),
+    }
+    return check_source_shapes(
+        path, layer, raw, "w_enc", ("d_model", "d_sae"), expected, first, _REDOWNLOAD, one_width=n_dec is not None
+    )
 
 
 def _build(
@@ -206,7 +206,7 @@ def _build(
 
 def _load_per_layer(path: Path, chosen: list[LayerFolder], verify_values: bool) -> DictionarySet:
     root = transcoder_root(path)
-    layers, paths, d_model = [], [], None
+    layers, paths, first = [], [], None
     for folder in chosen:
         file = root / folder.name / PARAMS_FILE
         if not file.is_file():
@@ -215,7 +215,8 @@ def _load_per_layer(path: Path, chosen: list[LayerFolder], verify_values: bool) 
         if SKIP in header and not folder.affine:
             raise DictionaryFileError(file, f"has {SKIP} but its folder name has no _affine suffix", _REDOWNLOAD)
         raw = read_tensors(file, _REQUIRED + ([SKIP] if folder.affine else []))
-        d_model = _check_source(file, folder.layer, raw, d_model, None)
+        dims = _check_source(file, folder.layer, raw, first, None)
+        first = first or dims
         layers.append({_NATIVE_NAMES[name]: tensor for name, tensor in raw.items()})
         paths.append(file)
     folders = json.dumps([f.name for f in chosen])
@@ -233,7 +234,7 @@ def _load_clt(path: Path, files: dict[int, Path], verify_values: bool) -> Dictio
     if missing:
         raise DictionaryFileError(path, f"missing {', '.join(missing)}", "Download every layer's file of the CLT")
     skip = SKIP in read_header(files[0])[0]
-    layers, paths, d_model, earlier = [], [], None, []
+    layers, paths, first, earlier = [], [], None, []
     for i in range(n_layers):
         file = files[i]
         if (SKIP in read_header(file)[0]) != skip:
@@ -247,12 +248,8 @@ def _load_clt(path: Path, files: dict[int, Path], verify_values: bool) -> Dictio
                 "here",
                 f"Download params_layer_{n_layers}.safetensors to params_layer_{w_dec.shape[1] - 1}.safetensors too",
             )
-        d_model = _check_source(file, i, raw, d_model, n_layers)
-        if i > 0 and raw["w_enc"].shape[1] != layers[0]["W_enc"].shape[1]:
-            raise DictionaryFileError(
-                file, f"layer {i} has d_sae {raw['w_enc'].shape[1]} but layer 0 has {layers[0]['W_enc'].shape[1]}; "
-                "a CLT has one width", _REDOWNLOAD,
-            )
+        dims = _check_source(file, i, raw, first, n_layers)
+        first = first or dims
         if verify_values and i > 0 and _any_nonzero(w_dec[:, :i, :]):
             earlier.append(file.name)
         tensors = {_NATIVE_NAMES[name]: tensor for name, tensor in raw.items()}
@@ -325,3 +322,11 @@ def save_gemma_scope_2(dictionaries: DictionarySet, directory: str | Path, overw
                 tmp / TRANSCODER_DIR / folders[layer] / PARAMS_FILE)
             write_tensors(target, gemma_scope_2_tensors(dictionaries, layer))
     return Path(directory)
+
+
+GEMMA_SCOPE_2 = register(DictionaryFormat(
+    name="gemma-scope-2",
+    layout="transcoder_all/layer_{L}_width_{W}_l0_{X}[_affine]/params.safetensors, or params_layer_{i}.safetensors",
+    detect=is_gemma_scope_2_directory, load=load_gemma_scope_2, save=save_gemma_scope_2,
+    selectors=(WIDTH, L0, AFFINE), variants="Gemma Scope 2 folders", priority=10,
+))

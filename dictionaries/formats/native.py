@@ -12,12 +12,13 @@ from pathlib import Path
 import torch
 from pydantic import ValidationError
 
-from ..assembly import build_dictionary_set
+from ..assembly import build_dictionary_set, cast
 from ..atomic_output import atomic_directory, write_text_atomic
 from ..config import FORMAT_NAME, FORMAT_VERSION, DictionaryConfig, dtype_name
 from ..dictionary_set import DictionarySet
 from ..errors import DictionaryFileError
 from ..safetensors_io import read_tensors, write_tensors
+from .format import DictionaryFormat, format_names, register
 
 CONFIG_FILE = "config.json"
 
@@ -36,13 +37,21 @@ def is_native_directory(path: str | Path) -> bool:
         return False
 
 
+def looks_native(path: str | Path) -> bool:
+    """A native directory, or one with a damaged config beside ``layer_0.safetensors`` (so that loading it
+    says what is wrong with the config instead of reading it as another format)."""
+    path = Path(path)
+    return is_native_directory(path) or ((path / CONFIG_FILE).is_file() and (path / layer_file(0)).is_file())
+
+
 def read_config(directory: str | Path) -> DictionaryConfig:
     """The validated config of a native dictionary directory, or one clear DictionaryFileError."""
     path = Path(directory) / CONFIG_FILE
     if not path.is_file():
         raise DictionaryFileError(
             path, "not found: this is not a circuitscope dictionary directory",
-            "Convert it first: circuitscope dictionaries convert SRC DST --from gemma-scope-2|circuit-tracer",
+            "Convert it first: circuitscope dictionaries convert SRC DST "
+            f"--from {'|'.join(name for name in format_names() if name != NATIVE.name)}",
         )
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
@@ -82,12 +91,7 @@ def load_native(
                 "Copy the complete directory, or convert the dictionaries again",
             )
     layers = [read_tensors(path) for path in paths]
-    dictionaries = build_dictionary_set(config, layers, paths, verify_values)
-    if dtype is not None and dtype != dictionaries.dtype:
-        dictionaries.config.dtype = dtype_name(dtype)
-    if dtype is not None or device is not None:
-        dictionaries = dictionaries.to(device=device, dtype=dtype)
-    return dictionaries
+    return cast(build_dictionary_set(config, layers, paths, verify_values), dtype, device)
 
 
 def save_native(dictionaries: DictionarySet, directory: str | Path, overwrite: bool = False) -> Path:
@@ -101,3 +105,9 @@ def save_native(dictionaries: DictionarySet, directory: str | Path, overwrite: b
             )
         write_text_atomic(tmp / CONFIG_FILE, config.model_dump_json(indent=2) + "\n")
     return Path(directory)
+
+
+NATIVE = register(DictionaryFormat(
+    name="native", layout="config.json + layer_{L}.safetensors", detect=looks_native, load=load_native,
+    save=save_native, priority=20,
+))

@@ -1,84 +1,76 @@
 """Which format a dictionary directory is in, and one entry point that loads, saves or converts any of them.
 
-Formats: ``native`` (:mod:`dictionaries.formats.native`), ``gemma-scope-2``
-(:mod:`dictionaries.formats.gemma_scope_2`) and ``circuit-tracer`` (:mod:`dictionaries.formats.circuit_tracer`).
-Every reader returns the same :class:`~dictionaries.dictionary_set.DictionarySet` in the native layout.
+The formats are the registered :class:`~dictionaries.formats.format.DictionaryFormat` entries (``native``,
+``gemma-scope-2`` and ``circuit-tracer`` register themselves in their modules); this module only loops over
+them. Every reader returns the same :class:`~dictionaries.dictionary_set.DictionarySet` in the native layout.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 
-from ..config import dtype_name
+from ..assembly import cast
 from ..dictionary_set import DictionarySet
 from ..errors import CircuitscopeError, DictionaryFileError
-from .circuit_tracer import (
-    is_circuit_tracer_directory,
-    load_circuit_tracer,
-    save_circuit_tracer,
-)
-from .gemma_scope_2 import (
-    is_gemma_scope_2_directory,
-    load_gemma_scope_2,
-    save_gemma_scope_2,
-)
-from .native import (
-    CONFIG_FILE,
-    is_native_directory,
-    layer_file,
-    load_native,
-    save_native,
+from .format import (
+    DictionaryFormat,
+    format_names,
+    get_format,
+    normalize_format,
+    registered_formats,
+    registered_selectors,
 )
 
-FormatName = Literal["native", "gemma-scope-2", "circuit-tracer"]
-FORMATS: tuple[FormatName, ...] = ("native", "gemma-scope-2", "circuit-tracer")
-SELECTORS = ("width", "l0", "affine")  # Gemma Scope 2 only
-_LAYOUTS = (
-    "native (config.json + layer_{L}.safetensors), "
-    "gemma-scope-2 (transcoder_all/layer_{L}_width_{W}_l0_{X}[_affine]/params.safetensors, "
-    "or params_layer_{i}.safetensors), "
-    "circuit-tracer (layer_{L}.safetensors, or W_enc_{i}.safetensors + W_dec_{i}.safetensors)"
-)
+__all__ = [
+    "convert", "detect_format", "format_names", "load_dictionaries", "normalize_format", "save_dictionaries",
+]
 
 
-def normalize_format(name: str) -> FormatName:
-    """``"gemma_scope_2"``, ``"Gemma-Scope-2"`` -> ``"gemma-scope-2"``; CircuitscopeError for an unknown name."""
-    canonical = name.strip().lower().replace("_", "-")
-    if canonical not in FORMATS:
-        raise CircuitscopeError(f"unknown dictionary format {name!r}; choose one of {', '.join(FORMATS)}")
-    return canonical  # type: ignore[return-value]
-
-
-def detect_format(path: str | Path) -> FormatName | None:
-    """The format of the directory at ``path``, or None when it is none of them (or does not exist)."""
+def detect_format(path: str | Path) -> str | None:
+    """The name of the format of the directory at ``path`` (the first registered format, by priority, whose
+    ``detect`` accepts it), or None when it is in none of them (or does not exist)."""
     path = Path(path)
     if not path.is_dir():
         return None
-    if is_native_directory(path) or ((path / CONFIG_FILE).is_file() and (path / layer_file(0)).is_file()):
-        return "native"  # a damaged native config still reads as native, so its error says what is wrong
-    if is_gemma_scope_2_directory(path):
-        return "gemma-scope-2"
-    if is_circuit_tracer_directory(path):
-        return "circuit-tracer"
-    return None
+    return next((fmt.name for fmt in registered_formats() if fmt.detect(path)), None)
 
 
-def _resolve(path: Path, format: str | None) -> FormatName:
-    fmt = None if format is None else normalize_format(format)
+def _resolve(path: Path, format: str | None) -> DictionaryFormat:
+    fmt = None if format is None else get_format(format)
     if not path.exists():
         raise DictionaryFileError(path, "does not exist", "Check the path to the dictionaries")
     if fmt is not None:
         return fmt
     detected = detect_format(path)
     if detected is None:
+        layouts = ", ".join(f"{fmt.name} ({fmt.layout})" for fmt in registered_formats())
         raise DictionaryFileError(
             path, "is not a dictionary directory of a known format",
-            f"Expected one of: {_LAYOUTS}. Point at such a directory, or name the format",
+            f"Expected one of: {layouts}. Point at such a directory, or name the format",
         )
-    return detected
+    return get_format(detected)
+
+
+def _check_selectors(path: Path, fmt: DictionaryFormat, selectors: dict[str, Any]) -> dict[str, Any]:
+    """The selectors that were given (not None); CircuitscopeError for a name no format knows, or one that
+    ``fmt`` does not take."""
+    known = [s.name for s in registered_selectors()]
+    unknown = sorted(set(selectors) - set(known))
+    if unknown:
+        raise CircuitscopeError(
+            f"unknown selector(s) {', '.join(unknown)}; the selectors are {', '.join(known) or 'none'}"
+        )
+    given = {name: value for name, value in selectors.items() if value is not None}
+    foreign = [name for name in given if name not in fmt.selector_names]
+    if foreign:
+        owners = [other.variants for other in registered_formats() if set(foreign) & set(other.selector_names)]
+        raise CircuitscopeError(
+            f"{', '.join(foreign)} select {' or '.join(owners)}; {path} is in the {fmt.name} format"
+        )
+    return given
 
 
 def load_dictionaries(
@@ -93,39 +85,19 @@ def load_dictionaries(
     """Load the dictionaries at ``path`` in ``format`` (detected when None) into the native layout.
 
     Tensors stay memory-mapped unless ``dtype`` or ``device`` asks for a conversion. ``selectors``
-    (``width``, ``l0``, ``affine``) pick among several Gemma Scope 2 folders of one layer.
+    (Gemma Scope 2: ``width``, ``l0``, ``affine``) pick among several variants of one layer in a directory.
     """
     path = Path(path)
     fmt = _resolve(path, format)
-    unknown = sorted(set(selectors) - set(SELECTORS))
-    if unknown:
-        raise CircuitscopeError(f"unknown selector(s) {', '.join(unknown)}; the selectors are {', '.join(SELECTORS)}")
-    given = {k: v for k, v in selectors.items() if v is not None}
-    if given and fmt != "gemma-scope-2":
-        raise CircuitscopeError(f"{', '.join(given)} select Gemma Scope 2 folders; {path} is in the {fmt} format")
-    if fmt == "native":
-        return load_native(path, dtype=dtype, device=device, verify_values=verify_values)
-    if fmt == "gemma-scope-2":
-        dictionaries = load_gemma_scope_2(path, verify_values=verify_values, **given)
-    else:
-        dictionaries = load_circuit_tracer(path, verify_values=verify_values)
-    if dtype is not None and dtype != dictionaries.dtype:
-        dictionaries.config.dtype = dtype_name(dtype)
-    if dtype is not None or device is not None:
-        dictionaries = dictionaries.to(device=device, dtype=dtype)
-    return dictionaries
+    given = _check_selectors(path, fmt, selectors)
+    return cast(fmt.load(path, verify_values=verify_values, **given), dtype, device)
 
 
 def save_dictionaries(
     dictionaries: DictionarySet, directory: str | Path, format: str = "native", overwrite: bool = False
 ) -> Path:
     """Write ``dictionaries`` to ``directory`` in ``format`` (atomically); returns the directory."""
-    fmt = normalize_format(format)
-    if fmt == "native":
-        return save_native(dictionaries, directory, overwrite=overwrite)
-    if fmt == "gemma-scope-2":
-        return save_gemma_scope_2(dictionaries, directory, overwrite=overwrite)
-    return save_circuit_tracer(dictionaries, directory, overwrite=overwrite)
+    return get_format(format).save(dictionaries, Path(directory), overwrite=overwrite)
 
 
 def convert(
@@ -140,6 +112,7 @@ def convert(
 ) -> DictionarySet:
     """Load ``src`` (``from_format``, detected when None) and write it to ``dst`` in ``to_format``
     (native by default); returns the loaded set."""
+    get_format(to_format)  # an unknown target fails before anything is read
     dictionaries = load_dictionaries(src, from_format, verify_values=verify_values, **selectors)
     save_dictionaries(dictionaries, dst, to_format, overwrite=overwrite)
     return dictionaries
