@@ -1,15 +1,18 @@
 """Dictionary locations: a local directory, or a Hugging Face repo id with an optional subfolder.
 
 ``google/gemma-scope-2-270m-pt/transcoder_all`` (or ``hf://google/gemma-scope-2-270m-pt/transcoder_all``)
-downloads only that subfolder into the Hugging Face cache and returns its local path. When the hub
-cannot be reached the error says so and names the way round it.
+downloads only that subfolder into the Hugging Face cache and returns its local path; with Gemma Scope 2
+selectors (``width``, ``l0``, ``affine``) only the chosen variant's layer folders. When the hub cannot be
+reached the error says so and names the way round it.
 """
 
 from __future__ import annotations
 
+import glob
 from pathlib import Path
 
 from .errors import CircuitscopeError
+from .formats.gemma_scope_2 import TRANSCODER_DIR, width_token
 
 HF_PREFIX = "hf://"
 
@@ -23,8 +26,10 @@ def parse_hub_spec(spec: str) -> tuple[str, str | None] | None:
     return "/".join(parts[:2]), ("/".join(parts[2:]) or None)
 
 
-def resolve_dictionary_path(spec: str | Path) -> Path:
-    """A local directory for ``spec``: the path itself when it exists, else a hub download."""
+def resolve_dictionary_path(spec: str | Path, *, width: str | int | None = None, l0: str | int | None = None,
+                            affine: bool | None = None) -> Path:
+    """A local directory for ``spec``: the path itself when it exists, else a hub download (of the variant the
+    Gemma Scope 2 selectors choose, when any is given)."""
     path = Path(spec).expanduser()
     if path.exists():
         return path
@@ -34,19 +39,42 @@ def resolve_dictionary_path(spec: str | Path) -> Path:
             f"{spec}: no such file or directory; pass a dictionary directory or a hub id such as "
             "google/gemma-scope-2-270m-pt/transcoder_all"
         )
-    return download_from_hub(*parsed)
+    return download_from_hub(*parsed, width=width, l0=l0, affine=affine)
 
 
-def download_from_hub(repo_id: str, subfolder: str | None) -> Path:
-    """Download ``subfolder`` (or the whole repo) of ``repo_id``; clear CircuitscopeError on failure."""
+def hub_patterns(subfolder: str | None, width: str | int | None = None, l0: str | int | None = None,
+                 affine: bool | None = None) -> tuple[list[str] | None, list[str] | None]:
+    """The ``allow_patterns`` and ``ignore_patterns`` (fnmatch, as ``snapshot_download`` and
+    ``huggingface-cli download --include/--exclude`` read them) that fetch ``subfolder`` (None: everything),
+    or with any selector only the Gemma Scope 2 layer folders ``layer_{L}_width_{W}_l0_{X}[_affine]`` that
+    it chooses, in ``subfolder`` or its ``transcoder_all/``. Every layer is kept: the loader picks one per layer."""
+    base = f"{subfolder}/" if subfolder else ""
+    if width is None and l0 is None and affine is None:
+        return ([f"{base}*"] if subfolder else None), None
+    width = width_token(width) if isinstance(width, int) else width
+    name = "layer_*_width_{}_l0_{}".format(*("*" if v is None else glob.escape(str(v)) for v in (width, l0)))
+    suffixes = {None: ("", "_affine"), True: ("_affine",), False: ("",)}[affine]
+    roots = [base] + ([] if Path(base).name == TRANSCODER_DIR else [f"{base}{TRANSCODER_DIR}/"])
+    allow = [f"{root}{name}{suffix}/*" for root in roots for suffix in suffixes]
+    # with l0 left open, `l0_*` also matches `l0_small_affine`: --no-affine must leave those out
+    ignore = [f"{root}layer_*_affine/*" for root in roots] if affine is False else None
+    return allow, ignore
+
+
+def download_from_hub(repo_id: str, subfolder: str | None, *, width: str | int | None = None,
+                      l0: str | int | None = None, affine: bool | None = None) -> Path:
+    """Download ``subfolder`` (or the whole repo) of ``repo_id``, only the chosen Gemma Scope 2 variant when a
+    selector is given (:func:`hub_patterns`); clear CircuitscopeError on failure."""
     try:
         from huggingface_hub import snapshot_download
         from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
     except ImportError:  # pragma: no cover - transformers always brings huggingface_hub
         raise CircuitscopeError("downloading from the hub needs huggingface_hub: pip install huggingface_hub") from None
     where = repo_id + (f" (subfolder {subfolder})" if subfolder else "")
+    chosen = ", ".join(f"{k}={v!r}" for k, v in {"width": width, "l0": l0, "affine": affine}.items() if v is not None)
+    allow, ignore = hub_patterns(subfolder, width, l0, affine)
     try:
-        local = snapshot_download(repo_id, allow_patterns=[f"{subfolder}/**"] if subfolder else None)
+        local = snapshot_download(repo_id, allow_patterns=allow, ignore_patterns=ignore)
     except GatedRepoError:
         raise CircuitscopeError(
             f"{where}: the repository is gated; accept its licence on huggingface.co and log in with "
@@ -58,10 +86,14 @@ def download_from_hub(repo_id: str, subfolder: str | None) -> Path:
         raise CircuitscopeError(
             f"{where}: cannot reach the Hugging Face hub ({type(exc).__name__}). Download it on a machine "
             f"with access (huggingface-cli download {repo_id}"
-            + (f" --include '{subfolder}/*'" if subfolder else "")
+            + "".join(f" --include '{p}'" for p in allow or ())
+            + "".join(f" --exclude '{p}'" for p in ignore or ())
             + ") and pass the local directory instead"
         ) from None
     result = Path(local) / subfolder if subfolder else Path(local)
     if not result.exists():
+        if chosen:
+            raise CircuitscopeError(f"{where}: no layer folder of the repository matches {chosen}; check the path, "
+                                    "and the selectors against its folder names (layer_{L}_width_{W}_l0_{X}[_affine])")
         raise CircuitscopeError(f"{where}: the repository has no folder {subfolder!r}; check the path")
     return result
