@@ -10,6 +10,7 @@ import click
 from dictionaries.errors import CircuitscopeError
 
 from .app import main
+from .feature_specs import parse_intervention
 from .loading import load_model_and_dictionaries
 
 _DTYPES = click.Choice(["float32", "bfloat16"])
@@ -54,7 +55,6 @@ def intervene_command(prompt, model, dictionaries_path, ablations, assignments, 
     from circuits.interventions.feature_interventions import (
         InterventionSettings,
         intervene,
-        parse_intervention,
     )
     from circuits.interventions.steering import GenerationSettings, generate
 

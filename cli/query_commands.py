@@ -6,9 +6,8 @@ import json
 
 import click
 
-from dictionaries.errors import CircuitscopeError
-
 from .app import Group, main
+from .feature_specs import parse_feature_search
 
 
 @main.group("query", cls=Group)
@@ -101,10 +100,8 @@ def query_search(graph, label, token, layer, feature, kind, as_json) -> None:
     from circuits.graph.queries import NodeQuery, search_nodes
     from viz.tables import nodes_table
 
-    if feature is not None and ":" not in feature:
-        if not feature.isdigit():
-            raise CircuitscopeError(f"--feature {feature!r}: give an index such as 17 or a key such as 3:17")
-        feature = int(feature)
+    if feature is not None:
+        feature = parse_feature_search(feature)
     nodes = search_nodes(graph, NodeQuery(label=label, token=token, layer=layer, feature=feature, kind=kind))
     _emit(as_json, _node_rows(graph, nodes), nodes_table(graph, nodes) if nodes else "no node matches")
 

@@ -22,7 +22,6 @@ from circuits.interventions.feature_interventions import (
     FeatureIntervention,
     InterventionSettings,
     intervene,
-    parse_intervention,
     resolve_interventions,
 )
 from circuits.interventions.steering import GenerationSettings, generate
@@ -30,6 +29,7 @@ from circuits.interventions.validation import predicted_removal_effects, validat
 from circuits.settings import TraceSettings
 from circuits.tracing import trace
 from cli import main
+from cli.feature_specs import parse_intervention
 from dictionaries.errors import CircuitscopeError
 from dictionaries.formats.native import save_native
 from dictionaries.models.hook_sites import record_mlp_io, replace_mlp_outputs

@@ -31,7 +31,6 @@ Shapes: P = sequence length, d = d_model, V = vocabulary size, d_sae = a layer's
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -53,7 +52,6 @@ from .frozen_model import add_freezing_hooks
 
 InterventionMode = Literal["set", "scale"]
 FeatureMode = Literal["recompute", "linear", "frozen"]
-SpecKind = Literal["ablate", "set", "scale"]
 
 
 class FeatureIntervention(BaseModel):
@@ -93,36 +91,6 @@ class FeatureIntervention(BaseModel):
         if self.mode == "set":
             return f"set {self.key}={self.value:g}{where}"
         return f"scale {self.key} x{self.value:g}{where}"
-
-
-_SPEC = re.compile(r"^\s*(?P<layer>[+-]?\d+)\s*:\s*(?P<feature>[+-]?\d+)\s*(?:=\s*(?P<value>[^@\s]+)\s*)?"
-                   r"(?:@\s*(?P<position>[+-]?\d+)\s*)?$")
-_FORMS = {"ablate": ("L:F[@POS]", "3:117@5"), "set": ("L:F=VALUE[@POS]", "3:117=20@5"),
-          "scale": ("L:F=FACTOR[@POS]", "3:117=0.5")}
-
-
-def parse_intervention(spec: str, kind: SpecKind) -> FeatureIntervention:
-    """Read ``"L:F[@POS]"`` (``kind="ablate"``), ``"L:F=VALUE[@POS]"`` (``"set"``) or ``"L:F=FACTOR[@POS]"``
-    (``"scale"``); POS may be negative (from the end of the prompt) and is every position when left out.
-    Raises CircuitscopeError naming the expected form. Ranges are checked by :func:`resolve_interventions`."""
-    form, example = _FORMS[kind]
-    match = _SPEC.match(spec)
-    if match is None or (match["value"] is None) != (kind == "ablate"):
-        raise CircuitscopeError(f"cannot read {kind} {spec!r}: write {form}, e.g. {example}")
-    layer, feature = int(match["layer"]), int(match["feature"])
-    if layer < 0 or feature < 0:
-        raise CircuitscopeError(f"{kind} {spec!r}: layers and features are numbered from 0")
-    value = 0.0
-    if kind != "ablate":
-        try:
-            value = float(match["value"])
-        except ValueError:
-            raise CircuitscopeError(f"{kind} {spec!r}: {match['value']!r} is not a number; write {form}") from None
-        if not math.isfinite(value):
-            raise CircuitscopeError(f"{kind} {spec!r}: the value must be a finite number")
-    position = None if match["position"] is None else int(match["position"])
-    return FeatureIntervention(layer=layer, feature=feature, position=position,
-                               mode="scale" if kind == "scale" else "set", value=value)
 
 
 def resolve_interventions(interventions: Sequence[FeatureIntervention], dicts: DictionarySet, n_positions: int,
