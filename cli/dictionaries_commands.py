@@ -8,9 +8,16 @@ import sys
 import click
 
 from dictionaries.errors import CircuitscopeError
-from dictionaries.formats import format_names, registered_selectors
+from dictionaries.formats import format_names
 
 from .app import Group, main
+from .options import (
+    MODEL_OF_DICTIONARIES_HELP,
+    json_option,
+    model_of_dictionaries,
+    model_option,
+    selector_options,
+)
 
 
 class FormatChoice(click.Choice):
@@ -34,16 +41,6 @@ def dictionaries() -> None:
     """Inspect and convert dictionary sets (transcoders, skip transcoders, CLTs)."""
 
 
-def _selectors(selectors: dict) -> dict:
-    return {k: v for k, v in selectors.items() if v is not None}
-
-
-_selector_options = [  # the selectors of the formats registered when the CLI is imported
-    click.option(f"--{s.name}/--no-{s.name}" if s.is_flag else f"--{s.name}", default=None, help=s.help)
-    for s in registered_selectors()
-]
-
-
 def _check_model(dicts, model: str | None) -> None:
     """With --model: the set must cover that model's layers and d_model (read from its config only)."""
     if model is not None:
@@ -52,32 +49,24 @@ def _check_model(dicts, model: str | None) -> None:
         dicts.check_fits(*model_dimensions(model), model_name=model)
 
 
-_model_option = click.option(
-    "--model", default=None, help="Check that the dictionaries fit this model (name, directory or hub id)."
-)
-
-
-def _with_selectors(fn):
-    for option in reversed(_selector_options):
-        fn = option(fn)
-    return fn
+_model_option = model_option(None, help="Check that the dictionaries fit this model (name, directory or hub id).")
 
 
 @dictionaries.command("info")
 @click.argument("path")
 @click.option("--format", "fmt", type=FormatChoice(), default=None, help="On-disk format (detected if omitted).")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@json_option
 @click.option("--no-verify", is_flag=True, help="Skip the scan for NaN/inf values (reads every weight once).")
 @_model_option
-@_with_selectors
-def dictionaries_info(path: str, fmt: str | None, as_json: bool, no_verify: bool, model, **selectors) -> None:
+@selector_options
+def dictionaries_info(path: str, fmt: str | None, as_json: bool, no_verify: bool, model, selectors) -> None:
     """Describe the dictionary set at PATH (a directory or a hub id with subfolder)."""
     from dictionaries.formats.registry import detect_format, load_dictionaries
     from dictionaries.hub import resolve_dictionary_path
 
-    local = resolve_dictionary_path(path)
+    local = resolve_dictionary_path(path, **selectors)
     fmt = fmt or detect_format(local)
-    dicts = load_dictionaries(local, fmt, verify_values=not no_verify, **_selectors(selectors))
+    dicts = load_dictionaries(local, fmt, verify_values=not no_verify, **selectors)
     _check_model(dicts, model)
     widths = dicts.widths
     info = {
@@ -105,21 +94,21 @@ def dictionaries_info(path: str, fmt: str | None, as_json: bool, no_verify: bool
 @click.option("--from", "from_format", type=FormatChoice(), required=True, help="Format of SRC.")
 @click.option("--force", is_flag=True, help="Replace DST if it exists.")
 @_model_option
-@_with_selectors
-def dictionaries_convert(src: str, dst: str, from_format: str, force: bool, model, **selectors) -> None:
+@selector_options
+def dictionaries_convert(src: str, dst: str, from_format: str, force: bool, model, selectors) -> None:
     """Convert the dictionary set at SRC into the native format at DST (checked against --model first)."""
     from dictionaries.formats.registry import convert, load_dictionaries
     from dictionaries.hub import resolve_dictionary_path
 
-    local = resolve_dictionary_path(src)
+    local = resolve_dictionary_path(src, **selectors)
     if model is not None:
-        _check_model(load_dictionaries(local, from_format, verify_values=False, **_selectors(selectors)), model)
-    dicts = convert(local, dst, from_format, overwrite=force, **_selectors(selectors))
+        _check_model(load_dictionaries(local, from_format, verify_values=False, **selectors), model)
+    dicts = convert(local, dst, from_format, overwrite=force, **selectors)
     click.echo(f"wrote {dicts.kind} ({dicts.n_layers} layers, d_model {dicts.d_model}) to {dst}")
 
 
 @dictionaries.command("train")
-@click.option("--model", default="gemma-3-270m", show_default=True, help="Model name, checkpoint directory or hub id.")
+@model_option()
 @click.option("--kind", type=click.Choice(["transcoder", "skip-transcoder", "clt"]), required=True)
 @click.option("--skip", "clt_skip", is_flag=True, help="CLT only: add an affine skip per layer.")
 @click.option("--width", type=int, required=True, help="Features per layer.")
@@ -168,13 +157,14 @@ def dictionaries_train(matryoshka, layers, no_progress, **settings) -> None:
 
 @dictionaries.command("eval")
 @click.argument("path")
-@click.option("--model", default=None, help="Model (default: the one the dictionaries name, else gemma-3-270m).")
+@model_option(None, help=MODEL_OF_DICTIONARIES_HELP)
+@selector_options
 @click.option("--data", default=None, help="Held-out text: the training data by default, else model samples.")
 @click.option("--tokens", type=int, default=4096, show_default=True, help="Evaluation tokens (BOS excluded).")
 @click.option("--batch-size", type=int, default=2, show_default=True, help="Contexts per forward pass.")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@json_option
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
-def dictionaries_eval(path, model, data, tokens, batch_size, as_json, no_progress) -> None:
+def dictionaries_eval(path, model, selectors, data, tokens, batch_size, as_json, no_progress) -> None:
     """Held-out FVU, L0 and dead features per layer, and the CE/KL change with every layer spliced in."""
     from dictionaries.evaluation import evaluate, format_report, held_out_contexts
     from dictionaries.formats.registry import load_dictionaries
@@ -183,8 +173,8 @@ def dictionaries_eval(path, model, data, tokens, batch_size, as_json, no_progres
 
     if tokens < 1 or batch_size < 1:
         raise CircuitscopeError("--tokens and --batch-size must be at least 1")
-    dicts = load_dictionaries(resolve_dictionary_path(path))
-    lm = load_model(model or dicts.config.model or "gemma-3-270m")
+    dicts = load_dictionaries(resolve_dictionary_path(path, **selectors), **selectors)
+    lm = load_model(model_of_dictionaries(model, dicts))
     contexts, label = held_out_contexts(dicts, lm, data, tokens)
     report = evaluate(dicts, lm, contexts, batch_size=batch_size, data=label, progress=not no_progress)
     click.echo(report.model_dump_json() if as_json else format_report(report))

@@ -7,6 +7,13 @@ import click
 from dictionaries.errors import CircuitscopeError
 
 from .app import Group, main
+from .options import (
+    MODEL_OF_DICTIONARIES_HELP,
+    json_option,
+    model_of_dictionaries,
+    model_option,
+    selector_options,
+)
 
 
 @main.group(cls=Group)
@@ -20,7 +27,8 @@ _labels_option = click.option("--labels", "labels_dir", default=None,
 
 @features.command("annotate")
 @click.argument("path", metavar="DICT")
-@click.option("--model", default=None, help="Model (default: the one the dictionaries name, else gemma-3-270m).")
+@model_option(None, help=MODEL_OF_DICTIONARIES_HELP)
+@selector_options
 @click.option("--data", default=None,
               help="Corpus: a .txt/.jsonl file or directory, hf://dataset, or model (default: the training text "
                    "when it is on this machine, else model samples).")
@@ -31,8 +39,8 @@ _labels_option = click.option("--labels", "labels_dir", default=None,
 @_labels_option
 @click.option("--force", is_flag=True, help="Replace existing labels.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
-def features_annotate(path, model, data, tokens, context_length, batch_size, contexts_per_feature, labels_dir, force,
-                      no_progress) -> None:
+def features_annotate(path, model, selectors, data, tokens, context_length, batch_size, contexts_per_feature,
+                      labels_dir, force, no_progress) -> None:
     """Annotate every feature of the dictionary set at DICT and store the labels next to it."""
     import time
     from pathlib import Path
@@ -52,14 +60,14 @@ def features_annotate(path, model, data, tokens, context_length, batch_size, con
         raise CircuitscopeError(f"bad setting --{str(first['loc'][0]).replace('_', '-')}: {first['msg']}") from None
     if tokens < 1:
         raise CircuitscopeError("--tokens must be at least 1")
-    local = resolve_dictionary_path(path)
+    local = resolve_dictionary_path(path, **selectors)
     destination = Path(labels_dir) if labels_dir else labels_directory(local)
     if destination.is_dir() and any(destination.iterdir()) and not force:  # before loading anything
         raise CircuitscopeError(f"{destination} already holds feature labels; pass --force to replace them")
-    dicts = load_dictionaries(local)
-    lm = load_model(model or dicts.config.model or "gemma-3-270m")
+    dicts = load_dictionaries(local, **selectors)
+    lm = load_model(model_of_dictionaries(model, dicts))
     if dicts.dtype != lm.dtype:  # e.g. a bfloat16 set with a float32 model: encode in the model's dtype
-        dicts = load_dictionaries(local, dtype=lm.dtype, verify_values=False)
+        dicts = load_dictionaries(local, dtype=lm.dtype, verify_values=False, **selectors)
     annotate(dicts, lm, destination, data=data, tokens=tokens, context_length=context_length, settings=settings,
              overwrite=force, progress=not no_progress)
     click.echo(f"wrote labels of {sum(dicts.widths)} features ({dicts.n_layers} layers) to {destination} "
@@ -71,7 +79,7 @@ def features_annotate(path, model, data, tokens, context_length, batch_size, con
 @click.argument("layer", type=int)
 @click.argument("index", type=int)
 @_labels_option
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@json_option
 def features_show(path, layer, index, labels_dir, as_json) -> None:
     """Show feature INDEX of LAYER: label, frequency, top contexts, promoted and suppressed tokens."""
     from pathlib import Path

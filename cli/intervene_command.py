@@ -12,17 +12,19 @@ from dictionaries.errors import CircuitscopeError
 from .app import main
 from .feature_specs import parse_intervention
 from .loading import load_model_and_dictionaries
-
-_DTYPES = click.Choice(["float32", "bfloat16"])
-_device_option = click.option("--device", default=None, help="cpu (default) or cuda.")
-_json_option = click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of tables.")
+from .options import (
+    device_option,
+    dictionaries_options,
+    dtype_option,
+    json_option,
+    model_option,
+)
 
 
 @main.command("intervene")
 @click.argument("prompt")
-@click.option("--model", default="gemma-3-270m", show_default=True, help="Model name, checkpoint directory or hub id.")
-@click.option("--dictionaries", "dictionaries_path", default=None,
-              help="Dictionary set: directory or hub id/subfolder (default: the set bundled for the model).")
+@model_option()
+@dictionaries_options()
 @click.option("--ablate", "ablations", multiple=True, metavar="L:F[@POS]",
               help="Zero feature F of layer L at token position POS (default: every position). Repeatable.")
 @click.option("--set", "assignments", multiple=True, metavar="L:F=VALUE[@POS]", help="Set a feature's activation. Repeatable.")
@@ -38,10 +40,10 @@ _json_option = click.option("--json", "as_json", is_flag=True, help="Print one J
 @click.option("--temperature", default=0.0, show_default=True, help="--generate: 0 is greedy, above 0 samples.")
 @click.option("--seed", default=0, show_default=True, help="--generate: the sampling seed.")
 @click.option("--chat", is_flag=True, help="Wrap the prompt in the tokenizer's chat template (for -it models).")
-@click.option("--dtype", type=_DTYPES, default="float32", show_default=True, help="Model dtype.")
-@_device_option
-@_json_option
-def intervene_command(prompt, model, dictionaries_path, ablations, assignments, scalings, freeze_attention,
+@dtype_option()
+@device_option
+@json_option
+def intervene_command(prompt, model, dictionaries_path, selectors, ablations, assignments, scalings, freeze_attention,
                       freeze_norms, feature_mode, position, top, n_generate, temperature, seed, chat, dtype, device,
                       as_json) -> None:
     """Run PROMPT with features set, scaled or zeroed and show how the next-token logits change.
@@ -73,7 +75,7 @@ def intervene_command(prompt, model, dictionaries_path, ablations, assignments, 
         raise CircuitscopeError(f"bad setting {'.'.join(map(str, first['loc']))}: {first['msg']}") from None
     if not prompt.strip():
         raise CircuitscopeError("The prompt is empty; pass some text.")
-    loaded = load_model_and_dictionaries(model, dictionaries_path, dtype, device)
+    loaded = load_model_and_dictionaries(model, dictionaries_path, dtype, device, selectors)
     lm, dicts = loaded.lm, loaded.dicts
     result = intervene(lm, dicts, prompt, interventions, settings, chat=chat, position=position, top_k=top)
     generations = None
@@ -139,13 +141,13 @@ def _intervention_text(result, generations) -> str:
 @click.option("--mode", "modes", multiple=True, type=click.Choice(["linear", "frozen", "free"]),
               help="Measure in these modes (repeatable; default all): linear = the graph's own frozen linear model, "
                    "frozen = attention and norms frozen, free = nothing frozen.")
-@click.option("--model", default=None, help="Model (default: the one the graph names).")
-@click.option("--dictionaries", "dictionaries_path", default=None,
-              help="Dictionary set (default: the one the graph names).")
-@click.option("--dtype", type=_DTYPES, default=None, help="Model dtype (default: the trace's).")
-@_device_option
-@_json_option
-def validate_command(graph_path, top, target, modes, model, dictionaries_path, dtype, device, as_json) -> None:
+@model_option(None, help="Model (default: the one the graph names).")
+@dictionaries_options(help="Dictionary set (default: the one the graph names).")
+@dtype_option(None, help="Model dtype (default: the trace's).")
+@device_option
+@json_option
+def validate_command(graph_path, top, target, modes, model, dictionaries_path, selectors, dtype, device,
+                     as_json) -> None:
     """Zero each top feature of a graph in the model and compare the measured change of the target logit with
     the change the graph predicts (correlation, sign agreement and a table)."""
     import dataclasses
@@ -157,7 +159,7 @@ def validate_command(graph_path, top, target, modes, model, dictionaries_path, d
     meta = graph.metadata
     model = model or meta.model
     dictionaries_path = dictionaries_path or meta.dictionaries.source
-    loaded = load_model_and_dictionaries(model, dictionaries_path, dtype or meta.settings.dtype, device)
+    loaded = load_model_and_dictionaries(model, dictionaries_path, dtype or meta.settings.dtype, device, selectors)
     lm, dicts = loaded.lm, loaded.dicts
     report = validate_graph(lm, dicts, graph, top=top, target=target, modes=list(modes) or list(MODES))
     if as_json:

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # imported lazily at run time: `circuitscope --help` must not pay for torch
     from dictionaries.dictionary_set import DictionarySet
@@ -22,11 +23,12 @@ class ModelAndDictionaries:
     local: Path
 
 
-def load_model_and_dictionaries(model: str, dictionaries: str | None, dtype: str, device: str | None
-                                ) -> ModelAndDictionaries:
-    """Load ``model`` and ``dictionaries`` (default: the set shipped for ``model``), checked to fit. The set is
-    loaded in the model's dtype, so a set stored in bfloat16 (the shipped one) runs in float32 with a float32
-    model, exactly as its float32 copy would."""
+def load_model_and_dictionaries(model: str, dictionaries: str | None, dtype: str, device: str | None,
+                                selectors: Mapping[str, Any] | None = None) -> ModelAndDictionaries:
+    """Load ``model`` and ``dictionaries`` (default: the set shipped for ``model``; ``selectors`` pick the variant
+    of a Gemma Scope 2 folder, and a hub id downloads only that one), checked to fit. The set is loaded in the
+    model's dtype, so a set stored in bfloat16 (the shipped one) runs in float32 with a float32 model, exactly as
+    its float32 copy would."""
     from dictionaries.formats.registry import load_dictionaries
     from dictionaries.hub import resolve_dictionary_path
     from dictionaries.models.loading import load_model
@@ -36,7 +38,8 @@ def load_model_and_dictionaries(model: str, dictionaries: str | None, dtype: str
 
         dictionaries = str(default_dictionaries_path(model))
     lm = load_model(model, dtype=dtype, device=device)
-    local = Path(resolve_dictionary_path(dictionaries))
-    dicts = load_dictionaries(local, dtype=lm.dtype)
+    selectors = dict(selectors or {})
+    local = Path(resolve_dictionary_path(dictionaries, **selectors))
+    dicts = load_dictionaries(local, dtype=lm.dtype, **selectors)
     dicts.check_fits(lm.n_layers, lm.d_model, lm.name)
     return ModelAndDictionaries(lm, dicts, dictionaries, local)

@@ -8,6 +8,7 @@ import click
 
 from .app import Group, main
 from .feature_specs import parse_feature_search
+from .options import json_option
 
 
 @main.group("query", cls=Group)
@@ -18,9 +19,6 @@ def query(ctx: click.Context, graph_path: str) -> None:
     from circuits.graph.attribution_graph import AttributionGraph
 
     ctx.obj = AttributionGraph.load(graph_path)
-
-
-_json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 
 
 def _emit(as_json: bool, data, text: str) -> None:
@@ -39,7 +37,7 @@ def _emit(as_json: bool, data, text: str) -> None:
 @query.command("paths")
 @click.option("--target", default=None, help="Target node id (default: the most likely logit).")
 @click.option("-k", "k", default=5, show_default=True, help="How many paths.")
-@_json_option
+@json_option
 @click.pass_obj
 def query_paths(graph, target, k, as_json) -> None:
     """The strongest paths from token nodes to a target (product of normalised edge weights)."""
@@ -53,7 +51,7 @@ def query_paths(graph, target, k, as_json) -> None:
 @query.command("node")
 @click.argument("node_id")
 @click.option("--top", default=15, show_default=True, help="Inputs and outputs listed on each side.")
-@_json_option
+@json_option
 @click.pass_obj
 def query_node(graph, node_id, top, as_json) -> None:
     """A node's attributes, its direct inputs and the nodes it drives, ranked, with signs."""
@@ -76,7 +74,7 @@ _KINDS = click.Choice(["token", "feature", "error", "remainder", "logit", "super
 @query.command("top")
 @click.option("-n", "n", default=20, show_default=True, help="How many nodes.")
 @click.option("--kind", type=_KINDS, default=None, help="Only nodes of this kind.")
-@_json_option
+@json_option
 @click.pass_obj
 def query_top(graph, n, kind, as_json) -> None:
     """The most influential nodes."""
@@ -93,7 +91,7 @@ def query_top(graph, n, kind, as_json) -> None:
 @click.option("--layer", type=int, default=None, help="In this layer.")
 @click.option("--feature", default=None, help="Feature index (any layer) or feature key LAYER:INDEX.")
 @click.option("--kind", type=_KINDS, default=None, help="Of this kind.")
-@_json_option
+@json_option
 @click.pass_obj
 def query_search(graph, label, token, layer, feature, kind, as_json) -> None:
     """Nodes that match every term given, most influential first."""
@@ -110,7 +108,7 @@ def query_search(graph, label, token, layer, feature, kind, as_json) -> None:
 @click.argument("other_path", metavar="OTHER.json")
 @click.option("--top", default=10, show_default=True, help="Entries listed per section.")
 @click.option("--by-node", is_flag=True, help="Match node ids (same prompt) instead of position-free identities.")
-@_json_option
+@json_option
 @click.pass_obj
 def query_compare(graph, other_path, top, by_node, as_json) -> None:
     """Compare with OTHER.json: shared features, edges that appear, vanish or change most."""

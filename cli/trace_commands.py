@@ -10,38 +10,48 @@ from dictionaries.errors import CircuitscopeError
 
 from .app import main
 from .loading import load_model_and_dictionaries
+from .options import (
+    device_option,
+    dictionaries_options,
+    dtype_option,
+    model_option,
+    trace_default,
+)
 
 
 @main.command("trace")
 @click.argument("prompt")
-@click.option("--model", default="gemma-3-270m", show_default=True, help="Model name, checkpoint directory or hub id.")
-@click.option("--dictionaries", "dictionaries_path", default=None,
-              help="Dictionary set: a directory (native, Gemma Scope 2 or circuit-tracer) or hub id/subfolder "
-                   "(default: the set shipped for --model).")
+@model_option()
+@dictionaries_options()
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default=".", show_default=True,
               help="Folder for graph.json, graph.svg and graph.html.")
 @click.option("-o", "--output", default=None, help="Name the graph JSON instead (drawings go next to it: X.svg, X.html).")
 @click.option("--no-drawings", is_flag=True, help="Write only the JSON (no SVG, no HTML).")
 @click.option("--no-labels", is_flag=True, help="Leave feature nodes unlabelled even when the dictionaries have labels.")
-@click.option("--max-logits", default=10, show_default=True, help="At most this many logit targets.")
-@click.option("--logit-prob", default=0.95, show_default=True, help="Cumulative probability of the logit targets.")
+@click.option("--max-logits", default=trace_default("max_logits"), show_default=True,
+              help="At most this many logit targets.")
+@click.option("--logit-prob", default=trace_default("logit_prob"), show_default=True,
+              help="Cumulative probability of the logit targets.")
 @click.option("--target", "targets", multiple=True, help="Attribute this token's logit (repeatable), e.g. ' Paris'.")
 @click.option("--logit-diff", nargs=2, default=None, help="Attribute logit(A) - logit(B) of two tokens.")
 @click.option("--position", type=int, default=None, help="Token position whose next-token logits are attributed.")
 @click.option("--max-features", type=int, default=None, help="Feature budget (default: expand every active feature).")
-@click.option("--batch-size", default=64, show_default=True, help="Targets per backward batch.")
-@click.option("--node-threshold", default=0.8, show_default=True, help="Cumulative node influence kept by pruning.")
-@click.option("--edge-threshold", default=0.98, show_default=True, help="Cumulative edge influence kept by pruning.")
-@click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), default="float32", show_default=True)
-@click.option("--device", default=None, help="cpu (default) or cuda.")
+@click.option("--batch-size", default=trace_default("batch_size"), show_default=True,
+              help="Targets per backward batch.")
+@click.option("--node-threshold", default=trace_default("node_threshold"), show_default=True,
+              help="Cumulative node influence kept by pruning.")
+@click.option("--edge-threshold", default=trace_default("edge_threshold"), show_default=True,
+              help="Cumulative edge influence kept by pruning.")
+@dtype_option()
+@device_option
 @click.option("--chat", is_flag=True, help="Wrap the prompt in the tokenizer's chat template (for -it models).")
 @click.option("--keep-unpruned", is_flag=True, help="Also store what pruning removed (big for real models).")
 @click.option("--svg", "svg_path", default=None, help="Write the SVG here instead (needs graphviz).")
 @click.option("--html", "html_path", default=None, help="Write the interactive HTML page here instead.")
 @click.option("--neuronpedia", "np_path", default=None, help="Also export JSON for the Neuronpedia graph frontend.")
-def trace_command(prompt, model, dictionaries_path, out_dir, output, no_drawings, no_labels, max_logits, logit_prob, targets, logit_diff, position,
-                  max_features, batch_size, node_threshold, edge_threshold, dtype, device, chat, keep_unpruned,
-                  svg_path, html_path, np_path) -> None:
+def trace_command(prompt, model, dictionaries_path, selectors, out_dir, output, no_drawings, no_labels, max_logits,
+                  logit_prob, targets, logit_diff, position, max_features, batch_size, node_threshold, edge_threshold,
+                  dtype, device, chat, keep_unpruned, svg_path, html_path, np_path) -> None:
     """Trace PROMPT: write its attribution graph as graph.json, graph.svg and graph.html.
 
     With no options: the default model (the real Gemma 3 270M) and the dictionaries shipped for it.
@@ -67,7 +77,7 @@ def trace_command(prompt, model, dictionaries_path, out_dir, output, no_drawings
     if not prompt.strip():
         raise CircuitscopeError("The prompt is empty; pass some text to trace.")
     output, svg_path, html_path = _output_paths(Path(out_dir), output, svg_path, html_path, no_drawings)
-    loaded = load_model_and_dictionaries(model, dictionaries_path, dtype, device)
+    loaded = load_model_and_dictionaries(model, dictionaries_path, dtype, device, selectors)
     lm, dicts = loaded.lm, loaded.dicts
     labels = None if no_labels else FeatureLabels.load(loaded.local)  # DICT/labels/ when `features annotate` made them
     graph = trace(lm, dicts, prompt, settings, progress=True, dictionaries_source=loaded.source, labels=labels)

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import glob
 from pathlib import Path
+from typing import Any
 
 from .errors import CircuitscopeError
-from .formats.gemma_scope_2 import TRANSCODER_DIR, width_token
+from .formats.gemma_scope_2 import AFFINE, L0, TRANSCODER_DIR, WIDTH, width_token
 
 HF_PREFIX = "hf://"
 
@@ -26,10 +27,9 @@ def parse_hub_spec(spec: str) -> tuple[str, str | None] | None:
     return "/".join(parts[:2]), ("/".join(parts[2:]) or None)
 
 
-def resolve_dictionary_path(spec: str | Path, *, width: str | int | None = None, l0: str | int | None = None,
-                            affine: bool | None = None) -> Path:
+def resolve_dictionary_path(spec: str | Path, **selectors: Any) -> Path:
     """A local directory for ``spec``: the path itself when it exists, else a hub download (of the variant the
-    Gemma Scope 2 selectors choose, when any is given)."""
+    ``selectors`` of ``load_dictionaries`` choose, when any is given: see :func:`hub_patterns`)."""
     path = Path(spec).expanduser()
     if path.exists():
         return path
@@ -39,18 +39,20 @@ def resolve_dictionary_path(spec: str | Path, *, width: str | int | None = None,
             f"{spec}: no such file or directory; pass a dictionary directory or a hub id such as "
             "google/gemma-scope-2-270m-pt/transcoder_all"
         )
-    return download_from_hub(*parsed, width=width, l0=l0, affine=affine)
+    return download_from_hub(*parsed, **selectors)
 
 
-def hub_patterns(subfolder: str | None, width: str | int | None = None, l0: str | int | None = None,
-                 affine: bool | None = None) -> tuple[list[str] | None, list[str] | None]:
+def hub_patterns(subfolder: str | None, **selectors: Any) -> tuple[list[str] | None, list[str] | None]:
     """The ``allow_patterns`` and ``ignore_patterns`` (fnmatch, as ``snapshot_download`` and
     ``huggingface-cli download --include/--exclude`` read them) that fetch ``subfolder`` (None: everything),
-    or with any selector only the Gemma Scope 2 layer folders ``layer_{L}_width_{W}_l0_{X}[_affine]`` that
-    it chooses, in ``subfolder`` or its ``transcoder_all/``. Every layer is kept: the loader picks one per layer."""
+    or with Gemma Scope 2 selectors (``width``, ``l0``, ``affine``) only the layer folders
+    ``layer_{L}_width_{W}_l0_{X}[_affine]`` they choose, in ``subfolder`` or its ``transcoder_all/``. Every
+    layer is kept: the loader picks one folder per layer. Selectors of other formats fetch the whole subfolder."""
     base = f"{subfolder}/" if subfolder else ""
-    if width is None and l0 is None and affine is None:
+    given = {k: v for k, v in selectors.items() if v is not None}
+    if not given or not set(given) <= {WIDTH.name, L0.name, AFFINE.name}:
         return ([f"{base}*"] if subfolder else None), None
+    width, l0, affine = (given.get(s.name) for s in (WIDTH, L0, AFFINE))
     width = width_token(width) if isinstance(width, int) else width
     name = "layer_*_width_{}_l0_{}".format(*("*" if v is None else glob.escape(str(v)) for v in (width, l0)))
     suffixes = {None: ("", "_affine"), True: ("_affine",), False: ("",)}[affine]
@@ -61,18 +63,17 @@ def hub_patterns(subfolder: str | None, width: str | int | None = None, l0: str 
     return allow, ignore
 
 
-def download_from_hub(repo_id: str, subfolder: str | None, *, width: str | int | None = None,
-                      l0: str | int | None = None, affine: bool | None = None) -> Path:
-    """Download ``subfolder`` (or the whole repo) of ``repo_id``, only the chosen Gemma Scope 2 variant when a
-    selector is given (:func:`hub_patterns`); clear CircuitscopeError on failure."""
+def download_from_hub(repo_id: str, subfolder: str | None, **selectors: Any) -> Path:
+    """Download ``subfolder`` (or the whole repo) of ``repo_id``, only the chosen variant when selectors are
+    given (:func:`hub_patterns`); clear CircuitscopeError on failure."""
     try:
         from huggingface_hub import snapshot_download
         from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
     except ImportError:  # pragma: no cover - transformers always brings huggingface_hub
         raise CircuitscopeError("downloading from the hub needs huggingface_hub: pip install huggingface_hub") from None
     where = repo_id + (f" (subfolder {subfolder})" if subfolder else "")
-    chosen = ", ".join(f"{k}={v!r}" for k, v in {"width": width, "l0": l0, "affine": affine}.items() if v is not None)
-    allow, ignore = hub_patterns(subfolder, width, l0, affine)
+    chosen = ", ".join(f"{k}={v!r}" for k, v in selectors.items() if v is not None)
+    allow, ignore = hub_patterns(subfolder, **selectors)
     try:
         local = snapshot_download(repo_id, allow_patterns=allow, ignore_patterns=ignore)
     except GatedRepoError:

@@ -99,6 +99,9 @@ def test_selectors_fetch_only_the_chosen_variant(subfolder, selectors, variants)
 
 def test_without_selectors_the_whole_subfolder_is_fetched():
     assert _fetched("transcoder_all") == {f for f in _release_listing() if f.startswith("transcoder_all/")}
+    assert _fetched("transcoder_all", width=None, l0=None, affine=None) == _fetched("transcoder_all")
+    # a selector hub.py cannot translate into file names (another format's) cannot narrow the download
+    assert _fetched("transcoder_all", width="16k", other_format_choice="x") == _fetched("transcoder_all")
     assert _fetched("clt") == {f"clt/params_layer_{layer}.safetensors" for layer in range(3)}
     assert _fetched(None) == set(_release_listing())
 
