@@ -6,9 +6,9 @@ import pytest
 import torch
 from conftest import PROMPT, make_tiny_checkpoint, make_tiny_tokenizer
 
+from dictionaries.errors import CircuitscopeError, ModelLoadError
 from dictionaries.models import default_model
 from dictionaries.models import loading as model_loading
-from dictionaries.errors import CircuitscopeError, ModelLoadError
 from dictionaries.models.loading import LoadedModel, load_model
 from dictionaries.models.registry import GEMMA3, known_names, lookup, match_config
 

@@ -12,7 +12,6 @@ import random
 import pytest
 import torch
 
-from dictionaries.models.tokenization import constant_positions
 from circuits.engine.clean_run import record_clean_run
 from circuits.engine.replacement import build_replacement
 from circuits.interventions.frozen_model import run_frozen
@@ -20,6 +19,7 @@ from circuits.settings import TraceSettings
 from circuits.tracing import trace
 from dictionaries.assembly import random_dictionary_set
 from dictionaries.models.hook_sites import record_mlp_io
+from dictionaries.models.tokenization import constant_positions
 
 pytestmark = pytest.mark.real_model
 

@@ -11,7 +11,6 @@ import random
 from pathlib import Path
 
 import pytest
-import torch
 from conftest import WORDS, torch_threads
 
 from dictionaries.training import make_config

@@ -37,8 +37,8 @@ import torch
 from dictionaries.dictionary_set import DictionarySet
 from dictionaries.errors import CircuitscopeError
 from dictionaries.models.loading import LoadedModel
-
 from dictionaries.models.tokenization import constant_positions
+
 from ..graph.attribution_graph import AttributionGraph
 from ..graph.lookup import require_node, top_logit
 from ..graph.unpruned import full_graph

@@ -22,9 +22,8 @@ import torch
 from torch import nn
 
 from ..errors import CircuitscopeError, ModelLoadError
-from .default_model import ensure_default_checkpoint
-from .tokenization import token_ids
 from .architecture import Architecture, submodule
+from .default_model import ensure_default_checkpoint
 from .registry import (
     DEFAULT_MODEL,
     FAMILIES,
@@ -35,6 +34,7 @@ from .registry import (
     lookup,
     match_config,
 )
+from .tokenization import token_ids
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -200,7 +200,7 @@ def model_dimensions(name_or_path: str | os.PathLike) -> tuple[int, int]:
 
     try:
         config = transformers.AutoConfig.from_pretrained(source, local_files_only=_hub_offline())
-    except Exception as exc:  # noqa: BLE001 - becomes one clear message
+    except Exception as exc:
         raise _explain_load_error(exc, source if from_hub else name, from_hub) from exc
     text = getattr(config, "text_config", None) or config
     return int(text.num_hidden_layers), int(text.hidden_size)
@@ -258,7 +258,7 @@ def _load_hf(source: str, name: str, from_hub: bool, load_kwargs: dict):
         tokenizer = transformers.AutoTokenizer.from_pretrained(source, **hub_kwargs)
     except ModelLoadError:
         raise
-    except Exception as exc:  # noqa: BLE001 - every failure becomes one clear message below
+    except Exception as exc:
         raise _explain_load_error(exc, source if from_hub else name, from_hub) from exc
     return model, tokenizer
 
