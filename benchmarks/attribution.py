@@ -101,7 +101,7 @@ def main() -> None:
         return
     for case in CASES:
         out = subprocess.run([sys.executable, __file__, "--case", case, "--batch-size", str(args.batch_size)],
-                             capture_output=True, text=True)
+                             capture_output=True, text=True, check=False)
         lines = [line for line in out.stdout.splitlines() if line.startswith("{")]
         print(lines[-1] if lines else f"{case}: failed\n{out.stderr[-2000:]}", flush=True)
 

@@ -64,7 +64,7 @@ def main() -> None:
     start = time.perf_counter()
     lens = logit_statistics(dicts, lm, settings)
     print(f"logit lens    {time.perf_counter() - start:.1f} s for {sum(dicts.widths)} features")
-    layers = [{**s.tensors(), **lens_layer} for s, lens_layer in zip(stats, lens)]
+    layers = [{**s.tensors(), **lens_layer} for s, lens_layer in zip(stats, lens, strict=True)]
     manifest = LabelsManifest(
         model=lm.name,
         dictionaries=LabelledDictionaries(kind=dicts.kind, n_layers=dicts.n_layers, d_model=dicts.d_model,

@@ -91,14 +91,16 @@ def main() -> None:
     print(f"harvesting   {totals['harvest_tokens'] / totals['harvest']:8.0f} tok/s  "
           f"({totals['harvest_tokens']} tokens, all {lm.n_layers} layers in one pass, batch {config.harvest_batch})")
     print(f"training     {totals['step_tokens'] / totals['step']:8.0f} tok/s  "
-          f"({totals['step_tokens']} tokens, {config.total_steps} steps of {config.batch_tokens}, lr {config.learning_rate:.2e})")
+          f"({totals['step_tokens']} tokens, {config.total_steps} steps of {config.batch_tokens}, "
+          f"lr {config.learning_rate:.2e})")
     print(f"end to end   {result.tokens_seen / wall:8.0f} tok/s  ({wall:.0f} s)")
 
     source = open_context_source(parse_data_spec(str(text)), lm, 128, "heldout", 0)
     contexts = source.contexts(0, max(1, args.eval_tokens // 127))
     start = time.perf_counter()
     report = evaluate(result.dictionaries, lm, contexts, batch_size=2, data="pydoc (held out)")
-    print(f"evaluation   {report.tokens / (time.perf_counter() - start):8.0f} tok/s  (clean + spliced forward with logits)")
+    print(f"evaluation   {report.tokens / (time.perf_counter() - start):8.0f} tok/s  "
+          "(clean + spliced forward with logits)")
     print(f"after {result.tokens_seen} training tokens, held out:")
     print(format_report(report))
     (work / "report.json").write_text(json.dumps(report.model_dump(), indent=2))

@@ -112,7 +112,7 @@ def _build_networkx(result: Attribution, pruned: PrunedGraph, groups: list[Remai
         rows, cols = (block.values != 0).nonzero(as_tuple=True)
         weights = block.values[rows, cols].tolist()
         targets = target_nodes[block.rows.cpu()[rows.cpu()]].tolist()
-        edges += zip(cols.tolist(), targets, weights)
+        edges += zip(cols.tolist(), targets, weights, strict=True)
     present = {s for s, _, _ in edges} | {t for _, t, _ in edges}
     present |= set(layout.token_node.tolist()) | set(layout.logit_node.tolist())
 

@@ -119,7 +119,8 @@ def dictionaries_convert(src: str, dst: str, from_format: str, force: bool, mode
 @click.option("--matryoshka", default=None, help="Nested prefix sizes, e.g. 1024,4096.")
 @click.option("--layers", default=None, help="Per-layer kinds: train only these layers, e.g. 3,5.")
 @click.option("--tokens", type=int, required=True, help="Training tokens.")
-@click.option("--data", default="model", show_default=True, help="A .txt/.jsonl file or directory, hf://dataset, or model.")
+@click.option("--data", default="model", show_default=True,
+              help="A .txt/.jsonl file or directory, hf://dataset, or model.")
 @click.option("--out", type=click.Path(), required=True, help="Output directory (native format).")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its checkpoint.")
 @click.option("--force", is_flag=True, help="Delete the run in --out and start over.")
@@ -129,7 +130,8 @@ def dictionaries_convert(src: str, dst: str, from_format: str, force: bool, mode
 @click.option("--harvest-batch", type=int, default=16, show_default=True, help="Contexts per forward pass.")
 @click.option("--lr", type=float, default=None, help="Adam learning rate (default 2e-4 * sqrt(16384 / width)).")
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--aux-k", type=int, default=None, help="AuxK: dead features per token (default min(d_model / 2, 4 x L0)).")
+@click.option("--aux-k", type=int, default=None,
+              help="AuxK: dead features per token (default min(d_model / 2, 4 x L0)).")
 @click.option("--dead-after-tokens", type=int, default=None, help="A feature idle this many tokens is dead.")
 @click.option("--cache", "cache_dir", type=click.Path(), default=None, help="Activation cache directory (reused).")
 @click.option("--checkpoint-every", type=int, default=500, show_default=True, help="Steps between checkpoints.")
@@ -144,13 +146,15 @@ def dictionaries_train(matryoshka, layers, no_progress, **settings) -> None:
     from dictionaries.training import make_config, train
     from dictionaries.training.trainer_config import parse_int_list
 
-    config = make_config(matryoshka=parse_int_list(matryoshka, "--matryoshka"), layers=parse_int_list(layers, "--layers"),
+    config = make_config(matryoshka=parse_int_list(matryoshka, "--matryoshka"),
+                         layers=parse_int_list(layers, "--layers"),
                          progress=not no_progress, **{k: v for k, v in settings.items() if v is not None})
     result = train(config)
     if int(os.environ.get("RANK", "0")) != 0:
         return
     if not result.finished:
-        click.echo(f"stopped at step {result.step} of {config.total_steps}; continue with the same command and --resume")
+        click.echo(f"stopped at step {result.step} of {config.total_steps}; "
+                   "continue with the same command and --resume")
         sys.exit(130 if result.metrics is not None and result.metrics.stop else 0)
     click.echo(f"wrote {config.kind} ({result.dictionaries.n_layers} layers, width {config.width}) to {config.out}")
 

@@ -33,7 +33,8 @@ _labels_option = click.option("--labels", "labels_dir", default=None,
               help="Corpus: a .txt/.jsonl file or directory, hf://dataset, or model (default: the training text "
                    "when it is on this machine, else model samples).")
 @click.option("--tokens", type=int, default=65_536, show_default=True, help="Corpus tokens (BOS excluded).")
-@click.option("--context-length", type=int, default=None, help="Tokens per context (default: the training run's, else 128).")
+@click.option("--context-length", type=int, default=None,
+              help="Tokens per context (default: the training run's, else 128).")
 @click.option("--batch-size", type=int, default=8, show_default=True, help="Contexts per forward pass.")
 @click.option("--contexts-per-feature", type=int, default=8, show_default=True, help="Top contexts kept per feature.")
 @_labels_option

@@ -27,12 +27,15 @@ from .options import (
 @dictionaries_options()
 @click.option("--ablate", "ablations", multiple=True, metavar="L:F[@POS]",
               help="Zero feature F of layer L at token position POS (default: every position). Repeatable.")
-@click.option("--set", "assignments", multiple=True, metavar="L:F=VALUE[@POS]", help="Set a feature's activation. Repeatable.")
-@click.option("--scale", "scalings", multiple=True, metavar="L:F=FACTOR[@POS]", help="Multiply a feature's activation. Repeatable.")
+@click.option("--set", "assignments", multiple=True, metavar="L:F=VALUE[@POS]",
+              help="Set a feature's activation. Repeatable.")
+@click.option("--scale", "scalings", multiple=True, metavar="L:F=FACTOR[@POS]",
+              help="Multiply a feature's activation. Repeatable.")
 @click.option("--freeze-attention", is_flag=True, help="Keep every attention pattern at the clean run's.")
 @click.option("--freeze-norms", is_flag=True, help="Keep every normalisation scale at the clean run's.")
 @click.option("--features", "feature_mode", type=click.Choice(["recompute", "linear", "frozen"]), default="recompute",
-              show_default=True, help="Downstream features: re-encoded, linear in their input, or held at clean values.")
+              show_default=True,
+              help="Downstream features: re-encoded, linear in their input, or held at clean values.")
 @click.option("--position", default=-1, show_default=True, help="Token position whose next-token logits are shown.")
 @click.option("--top", default=10, show_default=True, help="List the TOP most likely tokens before and after.")
 @click.option("--generate", "n_generate", default=0, show_default=True,
@@ -170,7 +173,8 @@ def validate_command(graph_path, top, target, modes, model, dictionaries_path, s
     for mode, a in report.agreement.items():
         r = "-" if a.pearson is None else f"{a.pearson:.3f}"
         lines.append(f"  {mode:<8} {r:>8} {a.sign_agreement:7.0%} {a.max_abs_difference:11.4g}")
-    lines.append(f"  {'node':<28} {'act':>8} {'predicted':>10}   measured: " + " ".join(f"{m:>9}" for m in report.modes))
+    lines.append(f"  {'node':<28} {'act':>8} {'predicted':>10}   measured: "
+                 + " ".join(f"{m:>9}" for m in report.modes))
     for row in report.rows:
         lines.append(f"  {row.node:<28} {row.activation:8.3g} {row.predicted:+10.4f}             "
                      + " ".join(f"{row.measured[m]:+9.4f}" for m in report.modes))

@@ -25,9 +25,11 @@ from .options import (
 @dictionaries_options()
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default=".", show_default=True,
               help="Folder for graph.json, graph.svg and graph.html.")
-@click.option("-o", "--output", default=None, help="Name the graph JSON instead (drawings go next to it: X.svg, X.html).")
+@click.option("-o", "--output", default=None,
+              help="Name the graph JSON instead (drawings go next to it: X.svg, X.html).")
 @click.option("--no-drawings", is_flag=True, help="Write only the JSON (no SVG, no HTML).")
-@click.option("--no-labels", is_flag=True, help="Leave feature nodes unlabelled even when the dictionaries have labels.")
+@click.option("--no-labels", is_flag=True,
+              help="Leave feature nodes unlabelled even when the dictionaries have labels.")
 @click.option("--max-logits", default=trace_default("max_logits"), show_default=True,
               help="At most this many logit targets.")
 @click.option("--logit-prob", default=trace_default("logit_prob"), show_default=True,

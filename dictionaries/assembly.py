@@ -77,7 +77,7 @@ def validate_layer_tensors(
 def common_dtype(layers: Sequence[dict[str, torch.Tensor]], paths: Sequence[str | Path]) -> DType:
     """The dtype every tensor of every layer shares (the native format has one), or DictionaryFileError."""
     first = next(iter(layers[0].values())).dtype
-    for tensors, path in zip(layers, paths):
+    for tensors, path in zip(layers, paths, strict=True):
         for name, tensor in tensors.items():
             if tensor.dtype != first:
                 raise DictionaryFileError(

@@ -35,7 +35,9 @@ def atomic_directory(destination: str | Path, overwrite: bool = False) -> Iterat
     if destination.exists() and not destination.is_dir():
         raise CircuitscopeError(f"{destination} exists and is not a directory; choose another output path")
     if destination.is_dir() and any(destination.iterdir()) and not overwrite:
-        raise CircuitscopeError(f"{destination} already exists and is not empty; remove it or pass overwrite=True (CLI: --force)")
+        raise CircuitscopeError(
+            f"{destination} already exists and is not empty; remove it or pass overwrite=True (CLI: --force)"
+        )
     parent = destination.parent
     try:
         parent.mkdir(parents=True, exist_ok=True)

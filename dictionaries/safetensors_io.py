@@ -138,7 +138,9 @@ def check_finite(path: str | Path, tensors: Mapping[str, torch.Tensor], block: i
             )
 
 
-def write_tensors(path: str | Path, tensors: Mapping[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+def write_tensors(
+    path: str | Path, tensors: Mapping[str, torch.Tensor], metadata: dict[str, str] | None = None
+) -> None:
     """Write a safetensors file atomically: to a temporary file beside it, then renamed into place."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

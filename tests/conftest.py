@@ -19,6 +19,9 @@ from pathlib import Path
 import pytest
 import torch
 
+# training_helpers' fixtures (text_file, single_thread), for every test module without importing them
+pytest_plugins = ["training_helpers"]
+
 WORDS = (
     "the capital of france is paris a an and in on to it that this was for with as by at from be are "
     "one two three four five six seven eight nine ten red green blue cat dog bird tree house river city "

@@ -1,8 +1,8 @@
 """Every edge of an attribution equals a real perturbation of the frozen replacement model (DESIGN.md section 5).
 
-Ground truth is :func:`circuits.interventions.frozen_model.run_frozen`: the real Hugging Face network with frozen attention
-patterns and norm scales and the MLPs replaced by feature writes + b_dec + errors (+ the live skip path),
-with a scale per source. An edge weight A[t, s] must equal target t's value with every source present minus
+Ground truth is :func:`circuits.interventions.frozen_model.run_frozen`: the real Hugging Face network with frozen
+attention patterns and norm scales and the MLPs replaced by feature writes + b_dec + errors (+ the live skip
+path), with a scale per source. An edge weight A[t, s] must equal target t's value with every source present minus
 its value with source s removed (scale 0). Targets are measured independently of the engine: a feature's
 target is ``mlp_input[L, p] @ W_enc[:, i]`` read from the frozen run, a logit target is the full-vocabulary
 logit of the frozen run's final hidden state minus the mean logit (or logit(a) - logit(b)).

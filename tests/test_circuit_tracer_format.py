@@ -73,15 +73,16 @@ def act(z: torch.Tensor, threshold: torch.Tensor | None) -> torch.Tensor:
 
 
 def reference_per_layer(raw, xs):
-    feats = [act(F.linear(x, t["W_enc"], t["b_enc"]), t.get("activation_function.threshold")) for t, x in zip(raw, xs)]
+    feats = [act(F.linear(x, t["W_enc"], t["b_enc"]), t.get("activation_function.threshold"))
+             for t, x in zip(raw, xs, strict=True)]
     outs = [f @ t["W_dec"] + t["b_dec"] + (x @ t["W_skip"].T if "W_skip" in t else 0)
-            for f, t, x in zip(feats, raw, xs)]
+            for f, t, x in zip(feats, raw, xs, strict=True)]
     return feats, outs
 
 
 def reference_clt(raw, xs):
     feats = [act(F.linear(x, t[f"W_enc_{i}"], t[f"b_enc_{i}"]), t.get(f"threshold_{i}"))
-             for i, (t, x) in enumerate(zip(raw, xs))]
+             for i, (t, x) in enumerate(zip(raw, xs, strict=True))]
     outs = []
     for t_layer, x in enumerate(xs):
         y = raw[t_layer][f"b_dec_{t_layer}"]

@@ -54,12 +54,14 @@ def test_info_prints_json_with_the_issue_keys(tmp_path):
 
 def test_convert_gemma_scope_2_then_info(tmp_path):
     _write_gemma_scope_2(tmp_path / "gs")
-    code, out = _run("dictionaries", "convert", str(tmp_path / "gs"), str(tmp_path / "native"), "--from", "gemma-scope-2")
+    code, out = _run("dictionaries", "convert", str(tmp_path / "gs"), str(tmp_path / "native"),
+                     "--from", "gemma-scope-2")
     assert code == 0, out
     assert load_native(tmp_path / "native").kind == "skip-transcoder"
     code, out = _run("dictionaries", "info", str(tmp_path / "native"), "--json")
     info = json.loads(out)
-    assert (info["kind"], info["source_format"], info["skip"], info["width"]) == ("skip-transcoder", "gemma-scope-2", True, 16)
+    assert (info["kind"], info["source_format"], info["skip"], info["width"]) == (
+        "skip-transcoder", "gemma-scope-2", True, 16)
     code, out = _run("dictionaries", "info", str(tmp_path / "gs"), "--json")
     assert code == 0 and json.loads(out)["format"] == "gemma-scope-2"
 
@@ -98,7 +100,8 @@ def test_convert_refuses_to_overwrite_without_force(tmp_path):
     code, out = _run("dictionaries", "convert", str(tmp_path / "gs"), str(tmp_path / "out"), "--from", "gemma-scope-2")
     assert code == 2 and "--force" in out
     assert (tmp_path / "out" / "keep.txt").read_text() == "mine"
-    code, out = _run("dictionaries", "convert", str(tmp_path / "gs"), str(tmp_path / "out"), "--from", "gemma-scope-2", "--force")
+    code, out = _run("dictionaries", "convert", str(tmp_path / "gs"), str(tmp_path / "out"),
+                     "--from", "gemma-scope-2", "--force")
     assert code == 0 and load_native(tmp_path / "out").n_layers == N_LAYERS
 
 

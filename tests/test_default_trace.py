@@ -103,7 +103,7 @@ def test_the_shipped_set_round_trips_through_the_gemma_scope_2_layout(tmp_path, 
             assert torch.equal(ours[name].float(), theirs[name].float()), (layer, name)
     copied = [layer.l0 for layer in evaluate(again, real_lm, contexts[4:], batch_size=4).layers]
     topk = [layer.l0 for layer in evaluate(shipped, real_lm, contexts[4:], batch_size=4).layers]
-    assert all(0.6 * b <= a <= 1.5 * b for a, b in zip(copied, topk)), list(zip(copied, topk))
+    assert all(0.6 * b <= a <= 1.5 * b for a, b in zip(copied, topk, strict=True)), list(zip(copied, topk, strict=True))
 
 
 def test_the_validation_report_on_the_default_graph_agrees_in_sign(real_lm, main_job):

@@ -8,11 +8,12 @@ import math
 import pytest
 import torch
 from test_hook_sites import hand_forward
-from training_helpers import single_thread  # noqa: F401 - fixture
 
 from dictionaries.assembly import build_dictionary_set, random_dictionary_set
 from dictionaries.config import ActivationConfig
 from dictionaries.evaluation import EvaluationReport, evaluate
+
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 D, WIDTH = 32, 16
 

@@ -185,7 +185,8 @@ def test_stored_labels_round_trip_memory_mapped(tiny_lm, corpus_file, dictionary
             assert torch.equal(tensor, fresh[layer][name]), name
             assert tensor.untyped_storage().nbytes() == path.stat().st_size  # a view of the mapped file
     # a summary decodes the corpus window around the maximum with the tokenizer
-    layer, index = next((layer, f) for layer in range(4) for f in range(24) if labels.layer(layer)["context"][f, 0] >= 0)
+    layer, index = next((layer, f) for layer in range(4) for f in range(24)
+                        if labels.layer(layer)["context"][f, 0] >= 0)
     summary = labels.summary(layer, index)
     t = labels.layer(layer)
     first = summary.contexts[0]
@@ -381,7 +382,8 @@ def test_cli_annotate_then_show(tiny_checkpoint_dir, corpus_file, cli_dicts):
     labels = FeatureLabels.load(cli_dicts)
     assert labels.manifest.settings.contexts_per_feature == 3
     labels.check_matches(fingerprint(load_dictionaries(cli_dicts, dtype=torch.float32)))  # what trace will load
-    layer, index = next((layer, f) for layer in range(4) for f in range(16) if labels.layer(layer)["context"][f, 0] >= 0)
+    layer, index = next((layer, f) for layer in range(4) for f in range(16)
+                        if labels.layer(layer)["context"][f, 0] >= 0)
     code, out = _run("features", "show", str(cli_dicts), str(layer), str(index))
     assert code == 0, out
     summary = labels.summary(layer, index)

@@ -80,11 +80,11 @@ def reference(raw: list[dict[str, torch.Tensor]], xs: list[torch.Tensor]) -> tup
     """JumpReLU f = relu(z) * (z > threshold), z = x @ w_enc + b_enc; per-layer y = f @ w_dec + b_dec (+ x @ A);
     CLT y_t = sum_{s <= t} f_s @ w_dec_s[:, t] + b_dec_t (+ x_t @ A_t)."""
     feats = []
-    for tensors, x in zip(raw, xs):
+    for tensors, x in zip(raw, xs, strict=True):
         z = x @ tensors["w_enc"] + tensors["b_enc"]
         feats.append(torch.relu(z) * (z > tensors["threshold"]))
     outs = []
-    for t, (tensors, x) in enumerate(zip(raw, xs)):
+    for t, (tensors, x) in enumerate(zip(raw, xs, strict=True)):
         if tensors["w_dec"].ndim == 2:
             y = feats[t] @ tensors["w_dec"] + tensors["b_dec"]
         else:

@@ -1,5 +1,6 @@
-"""Interventions on features (circuits.interventions.feature_interventions), steered generation (circuits.interventions.steering) and graph
-validation (circuits.interventions.validation) on the tiny model, plus the ``intervene`` and ``validate`` commands.
+"""Interventions on features (circuits.interventions.feature_interventions), steered generation
+(circuits.interventions.steering) and graph validation (circuits.interventions.validation) on the tiny model, plus
+the ``intervene`` and ``validate`` commands.
 
 Ground truth for interventions is a replacement forward written here by hand with plain MLP-output hooks
 (:func:`dictionaries.models.hook_sites.replace_mlp_outputs`): dense encode and decode of every layer, the clean

@@ -147,5 +147,5 @@ def test_a_wrong_norm_gain_breaks_the_frozen_model(family_models):
 def test_family_descriptions_that_do_not_match_the_model_are_refused(family_models):
     llama = family_models["llama-like"]
     with pytest.raises(ModelLoadError, match="embedding module scales by"):  # Gemma says sqrt(d); Llama's is plain
-        wrap_model(llama.model, llama.tokenizer, ModelFamily(**{**LLAMA_LIKE.__dict__, "architecture": GEMMA3.architecture}),
-                   "tiny-llama-as-gemma")
+        wrap_model(llama.model, llama.tokenizer,
+                   ModelFamily(**{**LLAMA_LIKE.__dict__, "architecture": GEMMA3.architecture}), "tiny-llama-as-gemma")

@@ -135,7 +135,8 @@ def test_directory_without_tokenizer(tmp_path):
 def test_not_a_gemma3_model(tmp_path):
     from transformers import LlamaConfig
 
-    LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2).save_pretrained(tmp_path)
+    config = LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)
+    config.save_pretrained(tmp_path)
     with pytest.raises(ModelLoadError, match="'llama'.*gemma3_text"):
         load_model(tmp_path)
 

@@ -1,5 +1,6 @@
 """Queries on graphs traced from the tiny model: answers checked against independent recomputation."""
 
+import itertools
 import math
 
 import networkx as nx
@@ -32,7 +33,7 @@ def test_paths_are_real_paths_ranked_by_their_product(graph):
     assert len(paths) == 8
     for path in paths:
         assert graph.graph.nodes[path.nodes[0]]["kind"] == "token" and path.nodes[-1] == target
-        pairs = list(zip(path.nodes, path.nodes[1:]))
+        pairs = list(itertools.pairwise(path.nodes))
         assert path.strength == pytest.approx(math.prod(_share(graph, s, t) for s, t in pairs))
         assert path.sign == math.prod(1 if graph.graph.edges[e]["weight"] >= 0 else -1 for e in pairs)
     strengths = [p.strength for p in paths]
@@ -45,7 +46,7 @@ def test_paths_are_the_true_top_k(graph):
                  key=lambda n: len(nx.ancestors(graph.graph, n)))
     tokens = graph.nodes_of_kind("token")
     every = [p for t in tokens for p in nx.all_simple_paths(graph.graph, t, target)]
-    best = sorted((math.prod(_share(graph, s, t) for s, t in zip(p, p[1:])) for p in every), reverse=True)[:5]
+    best = sorted((math.prod(_share(graph, s, t) for s, t in itertools.pairwise(p)) for p in every), reverse=True)[:5]
     assert [p.strength for p in strongest_paths(graph, target, k=5)] == pytest.approx(best)
 
 

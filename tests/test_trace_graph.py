@@ -279,11 +279,13 @@ def test_remainder_keeps_its_members_influence(tiny_lm, clt, budget_settings):
     folded = torch.tensor([float(adjusted[g.node]) for g in groups])
     torch.testing.assert_close(folded, members, rtol=1e-6, atol=1e-9)
     torch.testing.assert_close(adjusted.sum(), before.sum())
-    graph = trace(tiny_lm, clt, PROMPT, budget_settings.model_copy(update={"node_threshold": 1.0, "edge_threshold": 1.0}))
+    graph = trace(tiny_lm, clt, PROMPT,
+                  budget_settings.model_copy(update={"node_threshold": 1.0, "edge_threshold": 1.0}))
     for group in groups:
         node = f"remainder:{group.layer}@{group.position}"
         if node in graph.graph:
-            assert graph.graph.nodes[node]["influence"] == pytest.approx(float(members[groups.index(group)]), rel=1e-4, abs=1e-9)
+            assert graph.graph.nodes[node]["influence"] == pytest.approx(float(members[groups.index(group)]),
+                                                                         rel=1e-4, abs=1e-9)
 
 
 # --- influence and scores by hand ----------------------------------------------------------------------------

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import pytest
 from click.testing import CliRunner
-from training_helpers import fast_config, single_thread, text_file  # noqa: F401 - fixtures
+from training_helpers import fast_config
 
 from cli import main
 from dictionaries.errors import CircuitscopeError
 from dictionaries.training import check_before_work, make_config
 from dictionaries.training.trainer_config import parse_int_list
+
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 BASE = dict(kind="transcoder", width=64, k=8, tokens=1000, out="/tmp/unused")
 

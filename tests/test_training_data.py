@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from training_helpers import fast_config, single_thread, text_file  # noqa: F401 - fixtures
+from training_helpers import fast_config
 
 import dictionaries.training.harvest as harvest_module
 from dictionaries.errors import CircuitscopeError
@@ -27,6 +27,8 @@ from dictionaries.training.harvest import (
     harvest,
     normalising_scales,
 )
+
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def test_data_specs(tmp_path, text_file):
@@ -79,7 +81,9 @@ def test_hub_datasets_stream_through_the_datasets_package(tiny_lm, monkeypatch):
 
 def test_packing_text_files(tiny_lm, tmp_path):
     (tmp_path / "a.txt").write_text("the cat\n\nthe dog was in the tree\n")
-    (tmp_path / "b.jsonl").write_text(json.dumps({"text": "one two three"}) + "\n\n" + json.dumps({"text": "red"}) + "\n")
+    (tmp_path / "b.jsonl").write_text(
+        json.dumps({"text": "one two three"}) + "\n\n" + json.dumps({"text": "red"}) + "\n"
+    )
     source = open_context_source(parse_data_spec(str(tmp_path)), tiny_lm, 4, "train", 0)
     tok = tiny_lm.tokenizer
     ids = lambda text: tok(text, add_special_tokens=False)["input_ids"]  # noqa: E731

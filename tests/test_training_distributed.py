@@ -10,10 +10,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from training_helpers import fast_config, single_thread, text_file  # noqa: F401 - fixtures
+from training_helpers import fast_config
 
 from dictionaries.safetensors_io import read_tensors
 from dictionaries.training import train
+
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 ROOT = Path(__file__).resolve().parents[1]
 CASES = {
@@ -45,7 +47,7 @@ def run_torchrun(config, processes: int = 2) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
                "-m", "cli", "dictionaries", "train", *_cli_arguments(config)]
-    return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600, check=False)
 
 
 @pytest.mark.parametrize("name", list(CASES))

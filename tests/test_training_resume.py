@@ -7,12 +7,14 @@ import signal
 
 import pytest
 import torch
-from training_helpers import fast_config, single_thread, text_file  # noqa: F401 - fixtures
+from training_helpers import fast_config
 
 import dictionaries.training.trainer as trainer_module
 from dictionaries.errors import CircuitscopeError
 from dictionaries.safetensors_io import read_tensors
 from dictionaries.training import train
+
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 # 10 steps in blocks of 4 batches: stopping after step 5 leaves the run in the middle of block 1.
 SETUPS = {
@@ -30,7 +32,7 @@ def _weights(directory, n_layers=4):
 
 
 def assert_same_weights(a, b):
-    for layer_a, layer_b in zip(_weights(a), _weights(b)):
+    for layer_a, layer_b in zip(_weights(a), _weights(b), strict=True):
         assert layer_a.keys() == layer_b.keys()
         for name in layer_a:
             assert torch.equal(layer_a[name], layer_b[name]), name
@@ -109,7 +111,8 @@ def test_checkpoints_are_safetensors_and_json_only(tiny_lm, tiny_checkpoint_dir,
     files = sorted(p.name for p in (out / "checkpoint").iterdir())
     assert files == ["rank_0.safetensors", "state.json"]
     tensors = read_tensors(out / "checkpoint" / "rank_0.safetensors")
-    assert {"model.W_enc", "model.log_threshold", "model.in_scale", "model.tokens_since_fired", "rng.torch"} <= set(tensors)
+    assert {"model.W_enc", "model.log_threshold", "model.in_scale", "model.tokens_since_fired",
+            "rng.torch"} <= set(tensors)
     assert any(name.startswith("optim.") and name.endswith(".exp_avg_sq") for name in tensors)
 
 

@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from training_helpers import fast_config, single_thread, text_file  # noqa: F401 - fixtures
+from training_helpers import fast_config
 
 from dictionaries.evaluation import evaluate, held_out_contexts
 from dictionaries.formats.native import load_native
@@ -19,6 +19,8 @@ from dictionaries.training.sparsity import encode
 from dictionaries.training.step import reconstruct
 from dictionaries.training.trainable import TrainableDictionaries
 from dictionaries.training.trainer import trained_dictionary_set
+
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 K, TARGET_L0, WIDTH = 16, 16, 128
 KINDS = [
@@ -71,12 +73,14 @@ def _prefix_fvu(dicts, tiny_lm, contexts, size):
         f[..., size:] = 0
     outputs = dicts.decode(features, inputs)
     sums = FvuSums.zeros(4, tiny_lm.d_model)
-    sums.add(rec.outputs[:, :, 1:].reshape(4, -1, tiny_lm.d_model), torch.stack(outputs).reshape(4, -1, tiny_lm.d_model))
+    sums.add(rec.outputs[:, :, 1:].reshape(4, -1, tiny_lm.d_model),
+             torch.stack(outputs).reshape(4, -1, tiny_lm.d_model))
     return sums.total()
 
 
 def test_matryoshka_prefixes_reconstruct_on_their_own(tiny_lm, tiny_checkpoint_dir, text_file, tmp_path):
-    _, nested, report = _train_and_evaluate(tiny_lm, tiny_checkpoint_dir, text_file, tmp_path / "m", matryoshka=[16, 128])
+    _, nested, report = _train_and_evaluate(tiny_lm, tiny_checkpoint_dir, text_file, tmp_path / "m",
+                                            matryoshka=[16, 128])
     _, flat, _ = _train_and_evaluate(tiny_lm, tiny_checkpoint_dir, text_file, tmp_path / "f")
     assert nested.config.metadata["matryoshka"] == "16,128" and report.total.fvu < 0.5
     contexts, _ = held_out_contexts(nested, tiny_lm, None, 600)

@@ -1,8 +1,9 @@
 """Shared pieces of the training and evaluation tests: a small text file, a fast config, one thread.
 
-Import the fixtures into a test module (``from training_helpers import single_thread, text_file``);
-``single_thread`` is autouse there: tiny models run faster on one thread, and two OpenMP threads on a
-busy two-core machine can slow a step down by orders of magnitude.
+The fixtures (``text_file``, ``single_thread``) reach every test module through ``pytest_plugins`` in
+conftest.py; import only the plain helpers (``from training_helpers import fast_config``). A module that wants
+one thread says ``pytestmark = pytest.mark.usefixtures("single_thread")``: tiny models run faster on one thread,
+and two OpenMP threads on a busy two-core machine can slow a step down by orders of magnitude.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from conftest import WORDS, torch_threads
 from dictionaries.training import make_config
 
 
-@pytest.fixture(autouse=True)
+@pytest.fixture
 def single_thread():
     with torch_threads(1):
         yield
@@ -25,7 +26,8 @@ def single_thread():
 def write_text(path: Path, documents: int = 300, seed: int = 0) -> Path:
     """Documents of 5-40 random words of the tiny vocabulary, separated by blank lines."""
     rng = random.Random(seed)
-    path.write_text("\n\n".join(" ".join(rng.choice(WORDS) for _ in range(rng.randint(5, 40))) for _ in range(documents)))
+    path.write_text("\n\n".join(" ".join(rng.choice(WORDS) for _ in range(rng.randint(5, 40)))
+                                for _ in range(documents)))
     return path
 
 

@@ -7,8 +7,8 @@ threshold (layers bottom to top, positions left to right, the same layout as the
 important edges among them, and on success sets ``body[data-state]`` to ``ready``. Clicking a node lists
 its inputs and outputs (rows are clickable) and, for a feature with labels (``data.features``, keyed by the
 node's ``fk``), its top contexts in ``#contexts`` (one ``.ctx`` row each, tokens shaded by activation, the
-maximum marked ``.peak``) and its promoted and suppressed tokens; hovering shows details; ``#node=ID`` in the address selects a
-node on load.
+maximum marked ``.peak``) and its promoted and suppressed tokens; hovering shows details; ``#node=ID`` in the
+address selects a node on load.
 """
 
 ERROR_TRAP = """

@@ -5,11 +5,13 @@ sources, and its transpose is the map below, applied to a batch of B gradient ro
 residual stream (P' = the positions up to the latest target in the batch; later positions cannot
 influence earlier ones). Going down through layer l, from the residual after layer l (``out``):
 
-    skip:       G_mid = G_out + ((G_out @ W_skip^T) * s_pre)      s_pre[p] = r_pre[p] * gain_pre, 0 at constant positions
+    skip:       G_mid = G_out + ((G_out @ W_skip^T) * s_pre)
+                s_pre[p] = r_pre[p] * gain_pre, 0 at constant positions
     attention:  G_in  = G_mid + ((Pattern^T (G_mid * s_post) W_O) W_V) * s_in     per head, GQA groups summed
 
 where s_* are the frozen RMSNorm scales ``r[p] * gain`` (Gemma's gain is ``1 + w``; s_post is 1 for a family
-without an attention output norm), read through the family's :class:`~dictionaries.models.architecture.Architecture`. The MLP itself contributes nothing: its output is a sum of
+without an attention output norm), read through the family's
+:class:`~dictionaries.models.architecture.Architecture`. The MLP itself contributes nothing: its output is a sum of
 sources (features, errors) and constants. Nothing above the targets' layer is ever touched, and no
 full-vocabulary logits are computed. Everything runs in float32.
 """

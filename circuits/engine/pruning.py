@@ -124,7 +124,7 @@ def prune(blocks: list[RowBlock], layout: NodeLayout, weights: torch.Tensor, nod
         coefficient = (own + pruned_influence)[targets[block.rows]] / magnitude.sum(1).clamp_min(1e-30)
         scores.append(magnitude * coefficient[:, None])
     edge_cut = _cumulative_cut(torch.cat([s[s > 0] for s in scores]) if scores else torch.zeros(0), edge_threshold)
-    for block, score in zip(pruned, scores):
+    for block, score in zip(pruned, scores, strict=True):
         block.values[score < edge_cut] = 0.0
 
     while True:  # drop features that no longer reach the logits

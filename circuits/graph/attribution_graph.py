@@ -241,5 +241,7 @@ class AttributionGraph:
         except ValidationError as exc:
             first = exc.errors()[0]
             where = ".".join(map(str, first["loc"])) or "file"
-            raise CircuitscopeError(f"{path}: damaged graph file ({where}: {first['msg']}); trace the prompt again") from None
+            raise CircuitscopeError(
+                f"{path}: damaged graph file ({where}: {first['msg']}); trace the prompt again"
+            ) from None
         return cls.from_file(data)

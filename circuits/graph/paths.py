@@ -10,6 +10,7 @@ exact top k (no enumeration of all paths).
 from __future__ import annotations
 
 import heapq
+import itertools
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -71,5 +72,5 @@ def _unwind(graph: AttributionGraph, entry: tuple) -> GraphPath:
         nodes.append(entry[2])
         entry = entry[3]
     nodes.reverse()
-    weights = [graph.graph.edges[u, v]["weight"] for u, v in zip(nodes, nodes[1:])]
+    weights = [graph.graph.edges[u, v]["weight"] for u, v in itertools.pairwise(nodes)]
     return GraphPath(nodes=nodes, weights=weights, strength=strength, sign=sign)

@@ -1,8 +1,9 @@
 """What pruning removed: kept beside the pruned graph so that a saved graph can give back the whole one.
 
-``trace(..., TraceSettings(keep_unpruned=True))`` stores an :class:`~circuits.graph.attribution_graph.UnprunedSection` in
-``AttributionGraph.unpruned``: the nodes pruning dropped and every edge it dropped, among all nodes
-(edges between two kept nodes that edge pruning removed included). The pruned graph plus that section is
+``trace(..., TraceSettings(keep_unpruned=True))`` stores an
+:class:`~circuits.graph.attribution_graph.UnprunedSection` in ``AttributionGraph.unpruned``: the nodes pruning
+dropped and every edge it dropped, among all nodes (edges between two kept nodes that edge pruning removed
+included). The pruned graph plus that section is
 the unpruned graph after remainder folding, node for node and weight for weight; :func:`full_graph`
 puts them together. The section grows with the square of the number of active features (every feature
 row holds an edge from nearly every source below it), so it is off by default: fine for small graphs,
@@ -39,6 +40,6 @@ def full_graph(graph: AttributionGraph) -> AttributionGraph:
     for node in section.nodes:
         fields = node.model_dump()
         whole.add_node(fields.pop("id"), **fields)
-    for s, t, w in zip(section.sources, section.targets, section.weights):
+    for s, t, w in zip(section.sources, section.targets, section.weights, strict=True):
         whole.add_edge(section.endpoints[s], section.endpoints[t], weight=w)
     return AttributionGraph(whole, graph.metadata)

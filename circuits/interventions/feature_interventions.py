@@ -1,8 +1,8 @@
 """Interventions on dictionary features, run on the real network: set, scale or zero any feature at chosen
 layers and positions and let the effect propagate through the rest of the model.
 
-The model runs with the dictionary set spliced in at every MLP (docs/design.md, "The attribution math"). At layer t and every
-position that is not constant (BOS, chat-template tokens), the MLP contribution becomes
+The model runs with the dictionary set spliced in at every MLP (docs/design.md, "The attribution math"). At layer t
+and every position that is not constant (BOS, chat-template tokens), the MLP contribution becomes
 
     y_t = sum over sources s <= t of a_s @ W_dec[s -> t] + b_dec_t (+ x_t @ W_skip_t) + e_t
 
@@ -21,7 +21,8 @@ Options (:class:`InterventionSettings`):
   its pre-activation with slope 1 (a_s = a_clean + pre - pre_clean, no threshold) and inactive ones stay off;
   ``"frozen"``: every feature not intervened on keeps its clean activation (only direct effects remain).
   With both freezes, ``"frozen"`` is the frozen replacement model whose edges the attribution graph holds,
-  and ``"linear"`` is the linear model whose path sums the graph describes (see :mod:`circuits.interventions.validation`).
+  and ``"linear"`` is the linear model whose path sums the graph describes
+  (see :mod:`circuits.interventions.validation`).
 
 Logits are read from the final-norm output through the unembedding, before any softcap (Gemma 3 has none);
 probabilities are taken after the family's softcap, as the model's own output has them.
@@ -320,7 +321,8 @@ def intervene(lm: LoadedModel, dicts: DictionarySet, prompt: str | torch.Tensor,
     clean_logits = unembed(lm, state.clean.final_hidden)
     position %= P
     return InterventionResult(
-        input_ids=state.input_ids, constant=state.constant, tokens=[lm.tokenizer.decode([i]) for i in state.input_ids.tolist()],
+        input_ids=state.input_ids, constant=state.constant,
+        tokens=[lm.tokenizer.decode([i]) for i in state.input_ids.tolist()],
         interventions=resolved, settings=settings, logits=logits, clean_logits=clean_logits, features=run.features,
         clean_features=state.replacement.features, position=position,
         top_changes=token_changes(lm, clean_logits[position], logits[position], top_k),

@@ -1,14 +1,15 @@
 """Steered generation: feature interventions stay on while the model generates tokens.
 
 Each new token comes from the last position's logits of a run of the whole sequence so far (prompt plus the
-tokens generated so far) through the intervened replacement model (:func:`circuits.interventions.feature_interventions.run_replacement`).
-The error terms, and the attention patterns and norm scales when they are frozen, come from a clean run of
-that same sequence, so every step is exactly what :func:`~circuits.interventions.feature_interventions.intervene` gives for the
-sequence. An intervention with a position acts at that prompt position (negative: counted from the end of the
-prompt); one without acts at every non-constant position, generated tokens included. Greedy by default
-(deterministic); ``temperature > 0`` samples with a seeded generator. Without interventions the plain model
-generates (the replacement with its errors reproduces it). Prompts are short, so each step re-runs the
-sequence (no key/value cache): two forward passes per token.
+tokens generated so far) through the intervened replacement model
+(:func:`circuits.interventions.feature_interventions.run_replacement`). The error terms, and the attention patterns
+and norm scales when they are frozen, come from a clean run of that same sequence, so every step is exactly what
+:func:`~circuits.interventions.feature_interventions.intervene` gives for the sequence. An intervention with a
+position acts at that prompt position (negative: counted from the end of the prompt); one without acts at every
+non-constant position, generated tokens included. Greedy by default (deterministic); ``temperature > 0`` samples
+with a seeded generator. Without interventions the plain model generates (the replacement with its errors
+reproduces it). Prompts are short, so each step re-runs the sequence (no key/value cache): two forward passes per
+token.
 """
 
 from __future__ import annotations

@@ -185,7 +185,8 @@ def validate_graph(lm: LoadedModel, dicts: DictionarySet, graph: AttributionGrap
         rows.append(ValidationRow(
             node=node, layer=data["layer"], position=data["position"], feature=data["feature"],
             activation=data["activation"], influence=data["influence"],
-            model_activation=activation_at(state.replacement.features, data["layer"], data["feature"], data["position"]),
+            model_activation=activation_at(state.replacement.features, data["layer"], data["feature"],
+                                           data["position"]),
             direct=-direct, predicted=effects.get(node, 0.0), measured=measured,
         ))
     clean_logits = unembed(lm, state.clean.final_hidden[position])

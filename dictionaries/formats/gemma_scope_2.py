@@ -151,7 +151,8 @@ def select_folders(
     if len({f.affine for f in chosen}) > 1:
         raise DictionaryFileError(
             root, "some chosen layers have an affine skip connection and some do not "
-            f"({', '.join(f.name for f in chosen)})", "Pass affine=True or affine=False (on the command line: --affine or --no-affine)",
+            f"({', '.join(f.name for f in chosen)})",
+            "Pass affine=True or affine=False (on the command line: --affine or --no-affine)",
         )
     return chosen
 
@@ -276,7 +277,7 @@ def folder_names(dictionaries: DictionarySet) -> list[str]:
         return generated
     if not isinstance(stored, list) or len(stored) != len(widths):
         return generated
-    for layer, (name, width) in enumerate(zip(stored, widths)):
+    for layer, (name, width) in enumerate(zip(stored, widths, strict=True)):
         folder = LayerFolder.parse(name) if isinstance(name, str) else None
         if folder is None or (folder.layer, folder.affine) != (layer, skip) or (
             folder.width != width_token(width) and dictionaries.config.source_format != "gemma-scope-2"

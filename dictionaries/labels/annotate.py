@@ -85,16 +85,20 @@ def logit_statistics(dicts: DictionarySet, lm: LoadedModel, settings: Annotation
     return out
 
 
-def annotate_contexts(dicts: DictionarySet, lm: LoadedModel, contexts: torch.Tensor,
-                      settings: AnnotationSettings | None = None, progress: bool = False) -> list[dict[str, torch.Tensor]]:
+def annotate_contexts(
+    dicts: DictionarySet, lm: LoadedModel, contexts: torch.Tensor, settings: AnnotationSettings | None = None,
+    progress: bool = False,
+) -> list[dict[str, torch.Tensor]]:
     """Every dictionary layer's stored tensors (see :mod:`dictionaries.labels.format`) over ``contexts``."""
     settings = settings or AnnotationSettings()
     stats = activation_statistics(dicts, lm, contexts, settings, progress)
     lens = logit_statistics(dicts, lm, settings, progress)
-    return [{**s.tensors(), **lens_layer} for s, lens_layer in zip(stats, lens)]
+    return [{**s.tensors(), **lens_layer} for s, lens_layer in zip(stats, lens, strict=True)]
 
 
-def mentioned_tokens(contexts: torch.Tensor, layers: list[dict[str, torch.Tensor]], settings: AnnotationSettings) -> list[int]:
+def mentioned_tokens(
+    contexts: torch.Tensor, layers: list[dict[str, torch.Tensor]], settings: AnnotationSettings
+) -> list[int]:
     """Every token id that a top-context window or a promoted/suppressed list holds, ascending."""
     ids: set[int] = set()
     length = contexts.shape[1]
@@ -148,7 +152,8 @@ def annotate(dicts: DictionarySet, lm: LoadedModel, destination: str | Path, *, 
         dictionaries=LabelledDictionaries(kind=dicts.kind, n_layers=dicts.n_layers, d_model=dicts.d_model,
                                           widths=dicts.widths, layers=layers, fingerprint=fingerprint(dicts)),
         corpus=CorpusInfo(data=corpus.data, split=split, seed=corpus.seed, contexts=int(contexts.shape[0]),
-                          context_length=int(contexts.shape[1]), tokens=int(contexts.shape[0] * (contexts.shape[1] - 1))),
+                          context_length=int(contexts.shape[1]),
+                          tokens=int(contexts.shape[0] * (contexts.shape[1] - 1))),
         settings=settings,
     )
     return write_labels(destination, manifest, contexts, tensors, lm.tokenizer, overwrite=overwrite)

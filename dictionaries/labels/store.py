@@ -193,7 +193,7 @@ class FeatureLabels:
 
         def scored(ids: str, scores: str) -> list[TokenScore]:
             return [TokenScore(token_id=i, token=self._text(i), score=s)
-                    for i, s in zip(t[ids][index].tolist(), t[scores][index].float().tolist())]
+                    for i, s in zip(t[ids][index].tolist(), t[scores][index].float().tolist(), strict=True)]
 
         summary = FeatureSummary(layer=layer, index=index, label="", frequency=float(t["frequency"][index]),
                                  mean_activation=float(t["mean_active"][index]), contexts=contexts,

@@ -47,7 +47,9 @@ class TopContexts:
         contexts = torch.arange(first_context, first_context + batch).expand(best.shape[1], batch)
         self._merge(best.T, contexts, position.T, window.transpose(0, 1))
 
-    def _merge(self, values: torch.Tensor, contexts: torch.Tensor, positions: torch.Tensor, windows: torch.Tensor) -> None:
+    def _merge(
+        self, values: torch.Tensor, contexts: torch.Tensor, positions: torch.Tensor, windows: torch.Tensor
+    ) -> None:
         """Candidates values/contexts/positions [F, B], windows [F, B, W] -> the best n per feature."""
         n = self.max_act.shape[1]
         all_values = torch.cat([self.max_act, values], dim=1)

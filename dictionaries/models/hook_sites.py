@@ -3,7 +3,8 @@
 Hook sites are the family's ``Architecture.mlp_input`` and ``mlp_output`` (Gemma Scope 2's convention for
 Gemma 3): the transcoder input of layer L is the output of ``layers[L].pre_feedforward_layernorm`` (what the MLP
 reads), and the MLP contribution is the output of ``layers[L].post_feedforward_layernorm`` (what is added to the
-residual stream). Every hook that replaces MLP outputs goes through :func:`replace_mlp_outputs`. Shapes: B = batch, S = sequence length, D = d_model, V = vocabulary size, N = number of layers.
+residual stream). Every hook that replaces MLP outputs goes through :func:`replace_mlp_outputs`. Shapes: B = batch,
+S = sequence length, D = d_model, V = vocabulary size, N = number of layers.
 """
 
 from __future__ import annotations

@@ -114,7 +114,8 @@ class LoadedModel:
         return self.layer_module(layer, self.architecture.mlp_input)
 
     def mlp_output_module(self, layer: int) -> nn.Module:
-        """The module whose output is the MLP contribution added to the residual at ``layer`` ([batch, seq, d_model])."""
+        """The module whose output is the MLP contribution added to the residual at ``layer``
+        ([batch, seq, d_model])."""
         return self.layer_module(layer, self.architecture.mlp_output)
 
     def _check_layer(self, layer: int) -> int:
@@ -227,7 +228,8 @@ def _resolve(name_or_path: str) -> tuple[str, ModelEntry | None, str, bool]:
         return name_or_path, None, name_or_path, True
     raise ModelLoadError(
         f"Unknown model {name_or_path!r}: not a known name and no directory exists at {path}. "
-        "Pass one of " + ", ".join(known_names()) + ", a local checkpoint directory, or a hub id like google/gemma-3-1b-pt."
+        "Pass one of " + ", ".join(known_names())
+        + ", a local checkpoint directory, or a hub id like google/gemma-3-1b-pt."
     )
 
 

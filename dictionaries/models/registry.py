@@ -146,8 +146,8 @@ def lookup(name: str) -> ModelEntry | None:
 def match_config(n_layers: int, d_model: int, family: ModelFamily | None = None) -> ModelSize | None:
     """The size (of ``family``, or of any family) whose shape a loaded model's config has, or None for a
     custom model."""
-    for family in FAMILIES if family is None else (family,):
-        for size in family.sizes:
+    for candidate in FAMILIES if family is None else (family,):
+        for size in candidate.sizes:
             if (size.n_layers, size.d_model) == (n_layers, d_model):
                 return size
     return None

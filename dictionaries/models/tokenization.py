@@ -56,7 +56,9 @@ def token_ids(lm: LoadedModel, prompt: str, chat: bool = False) -> torch.Tensor:
         ids = [bos] + ids
     limit = int(lm.config.max_position_embeddings)
     if len(ids) > limit:
-        raise CircuitscopeError(f"The prompt is {len(ids)} tokens long but {lm.name} takes at most {limit}; shorten it.")
+        raise CircuitscopeError(
+            f"The prompt is {len(ids)} tokens long but {lm.name} takes at most {limit}; shorten it."
+        )
     return torch.tensor([ids], dtype=torch.long, device=lm.device)
 
 

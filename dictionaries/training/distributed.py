@@ -72,7 +72,7 @@ class DistributedContext:
         """Contiguous shares of ``count`` contexts, one per rank, for the forward passes."""
         bounds = [len(c) for c in torch.arange(count).tensor_split(self.world_size)]
         starts = [sum(bounds[:r]) for r in range(self.world_size)]
-        return [range(s, s + n) for s, n in zip(starts, bounds)]
+        return [range(s, s + n) for s, n in zip(starts, bounds, strict=True)]
 
     def batch_slice(self, batch_tokens: int) -> slice:
         """This rank's rows of a global batch (all of them unless data parallel)."""
@@ -117,7 +117,9 @@ class DistributedContext:
             g.copy_(flat[offset : offset + g.numel()].view_as(g))
             offset += g.numel()
 
-    def exchange_block(self, local: torch.Tensor, counts: list[int], shares: list[list[int]], layers: list[int]) -> torch.Tensor:
+    def exchange_block(
+        self, local: torch.Tensor, counts: list[int], shares: list[list[int]], layers: list[int]
+    ) -> torch.Tensor:
         """Activations [2, len(layers), n_local, D] harvested here -> the whole block for this rank.
 
         ``counts[r]`` is rank r's token count. Data parallel: every rank gets [2, len(layers), sum(counts), D].
@@ -131,7 +133,7 @@ class DistributedContext:
         if self.data_parallel:
             parts = [torch.empty_like(padded) for _ in range(self.world_size)]
             dist.all_gather(parts, padded)
-            return torch.cat([p[:, :, :n] for p, n in zip(parts, counts)], dim=2)
+            return torch.cat([p[:, :, :n] for p, n in zip(parts, counts, strict=True)], dim=2)
         position = {layer: i for i, layer in enumerate(layers)}
         mine = None
         for destination, share in enumerate(shares):
@@ -139,7 +141,7 @@ class DistributedContext:
             parts = [torch.empty_like(piece) for _ in range(self.world_size)] if destination == self.rank else None
             dist.gather(piece, parts, dst=destination)
             if parts is not None:
-                mine = torch.cat([p[:, :, :n] for p, n in zip(parts, counts)], dim=2)
+                mine = torch.cat([p[:, :, :n] for p, n in zip(parts, counts, strict=True)], dim=2)
         return mine  # type: ignore[return-value]
 
     def broadcast_layers(self, tensors: dict[int, dict[str, torch.Tensor]], shares: list[list[int]],

@@ -47,7 +47,9 @@ def learning_rate(config: TrainerConfig, step: int) -> float:
     return config.learning_rate * factor
 
 
-def reconstruct(model: TrainableDictionaries, code: FeatureCode, x: torch.Tensor, sizes: list[int]) -> list[torch.Tensor]:
+def reconstruct(
+    model: TrainableDictionaries, code: FeatureCode, x: torch.Tensor, sizes: list[int]
+) -> list[torch.Tensor]:
     """Reconstructions [L, n, D] from each matryoshka prefix ``sizes`` (cumulative; last = full)."""
     outputs, partial, lo = [], model.base_output(x), 0
     for hi in sizes:
@@ -88,7 +90,9 @@ def train_step(model: TrainableDictionaries, optimizer: torch.optim.Optimizer, x
 
 
 @torch.no_grad()
-def _bookkeeping(model: TrainableDictionaries, code: FeatureCode, ctx: DistributedContext, step: int, n_global: int) -> None:
+def _bookkeeping(
+    model: TrainableDictionaries, code: FeatureCode, ctx: DistributedContext, step: int, n_global: int
+) -> None:
     fired = ctx.sum_over_data(code.fired(model.width).float()) > 0
     model.tokens_since_fired.add_(n_global).masked_fill_(fired, 0)
     if code.threshold is not None:

@@ -68,10 +68,14 @@ def train(config: TrainerConfig, lm: LoadedModel | None = None) -> TrainResult:
         ctx.close()
 
 
-def _train(config: TrainerConfig, lm: LoadedModel | None, ctx: DistributedContext, n_layers: int, d_model: int) -> TrainResult:
+def _train(
+    config: TrainerConfig, lm: LoadedModel | None, ctx: DistributedContext, n_layers: int, d_model: int
+) -> TrainResult:
     out = Path(config.out)
     if ctx.data_parallel and config.batch_tokens % ctx.world_size:
-        raise CircuitscopeError(f"--batch-tokens {config.batch_tokens} must be divisible by the {ctx.world_size} processes")
+        raise CircuitscopeError(
+            f"--batch-tokens {config.batch_tokens} must be divisible by the {ctx.world_size} processes"
+        )
     if ctx.layer_sharded and config.cache_dir is not None:
         raise CircuitscopeError("--cache works with one process or --distributed data, not with sharded layers")
     if config.resume and checkpoint_directory(out) is None and (out / "training.json").is_file():
@@ -117,7 +121,8 @@ def _train(config: TrainerConfig, lm: LoadedModel | None, ctx: DistributedContex
             rows = permutation[1][j * B : (j + 1) * B][ctx.batch_slice(B)]
             x = activations[0][:, rows] * model.in_scale.view(-1, 1, 1)
             y = activations[1][:, rows] * model.out_scale.view(-1, 1, 1)
-            metrics = train_step(model, optimizer, x, y, config, ctx, slots, len(layers), step, B, lambda: stop.requested)
+            metrics = train_step(model, optimizer, x, y, config, ctx, slots, len(layers), step, B,
+                                 lambda: stop.requested)
             step, tokens_seen = step + 1, tokens_seen + B
             bar.update(B)
             bar.set_postfix(_postfix(metrics, config), refresh=False)
