@@ -1,4 +1,4 @@
-"""Every edge of an attribution equals a real perturbation of the frozen replacement model (DESIGN.md section 5).
+"""Every edge of an attribution equals a real perturbation of the frozen replacement model (docs/design.md §3.4).
 
 Ground truth is :func:`circuits.interventions.frozen_model.run_frozen`: the real Hugging Face network with frozen
 attention patterns and norm scales and the MLPs replaced by feature writes + b_dec + errors (+ the live skip
