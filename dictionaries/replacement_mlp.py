@@ -42,7 +42,8 @@ class ReplacementMlp:
                  constant: torch.Tensor | None = None, dtype: torch.dtype = torch.float32):
         self.dicts = dicts
         self.dtype = dtype
-        self.constant = None if constant is None else constant.to(device)
+        # positions held at the clean output; None when there are none (decided once, not per layer)
+        self.constant = None if constant is None or not bool(constant.any()) else constant.to(device)
         self.writes = [torch.zeros(*shape, dicts.d_model, device=device, dtype=dtype) for _ in range(dicts.n_layers)]
 
     def add(self, target: int, positions: torch.Tensor, rows: torch.Tensor) -> None:
@@ -74,7 +75,7 @@ class ReplacementMlp:
         out = self.dicts.layer_output(layer, self.writes[layer], x)
         if error is not None:
             out = out + error.to(device=out.device, dtype=out.dtype)
-        if self.constant is None or not bool(self.constant.any()):
+        if self.constant is None:
             return out
         if clean is None:
             raise ValueError("the output at constant positions is the clean MLP output: pass clean=")
