@@ -6,6 +6,8 @@ import json
 
 import click
 
+from circuits.graph.node_kinds import node_kind_names
+
 from .app import Group, main
 from .feature_specs import parse_feature_search
 from .options import json_option
@@ -68,7 +70,7 @@ def _node_rows(graph, nodes) -> list[dict]:
     return [NodeData(id=n, **graph.graph.nodes[n]).model_dump() for n in nodes]
 
 
-_KINDS = click.Choice(["token", "feature", "error", "remainder", "logit", "supernode"])
+_KINDS = click.Choice(node_kind_names())
 
 
 @query.command("top")

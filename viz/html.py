@@ -17,6 +17,7 @@ from pathlib import Path
 from pydantic import BaseModel, Field
 
 from circuits.graph.attribution_graph import AttributionGraph
+from circuits.graph.node_kinds import node_kind, node_kind_names
 from circuits.graph.subgraphs import cumulative_influence
 from circuits.graph.weights import edge_importance
 from dictionaries.atomic_output import write_text_atomic
@@ -24,7 +25,7 @@ from dictionaries.atomic_output import write_text_atomic
 from .labels import node_description, node_label
 from .page_script import ERROR_TRAP, PAGE_JS
 from .page_style import PAGE_CSS
-from .palette import FILLS, NEGATIVE, POSITIVE
+from .palette import NEGATIVE, POSITIVE
 from .selection import ranked_nodes
 
 
@@ -63,7 +64,7 @@ def page_data(graph: AttributionGraph, options: PageOptions) -> dict:
         "meta": {"prompt": meta.prompt, "summary": summary, "n_layers": meta.n_layers,
                  "n_edges": graph.graph.number_of_edges()},
         "view": {"threshold": options.threshold, "edges": options.edges_shown},
-        "fills": FILLS,
+        "kinds": {name: {"shape": node_kind(name).shape, "fill": node_kind(name).fill} for name in node_kind_names()},
         "colours": {"positive": POSITIVE, "negative": NEGATIVE},
         "nodes": nodes,
         "edges": edges,

@@ -6,18 +6,7 @@ Shared by the SVG, the HTML page and the CLI's tables, so a node reads the same 
 from __future__ import annotations
 
 from circuits.graph.attribution_graph import AttributionGraph
-
-
-def show_token(text: str | None, limit: int = 14) -> str:
-    """A token as it is shown: quoted, whitespace made visible, cut to ``limit`` characters."""
-    text = (text or "").replace("\n", "⏎").replace("\t", "⇥").replace("\r", "␍")
-    if len(text) > limit:
-        text = text[: limit - 1] + "…"
-    return f"“{text}”"
-
-
-def _cut(text: str, limit: int = 18) -> str:
-    return text if len(text) <= limit else text[: limit - 1] + "…"
+from circuits.graph.node_kinds import node_kind, show_token
 
 
 def position_token(graph: AttributionGraph, position: int) -> str | None:
@@ -28,19 +17,7 @@ def position_token(graph: AttributionGraph, position: int) -> str | None:
 def node_label(graph: AttributionGraph, node: str) -> tuple[str, str]:
     """Two short lines: what the node is, and where (its token), e.g. ("L3 #17", "“ Paris”")."""
     data = graph.graph.nodes[node]
-    kind, layer = data["kind"], data["layer"]
-    here = show_token(position_token(graph, data["position"]))
-    if kind == "token":
-        return show_token(data.get("token")), f"@{data['position']}"
-    if kind == "logit":
-        return f"logit {show_token(data.get('token'))}", f"p={data.get('probability') or 0:.3f}"
-    if kind == "feature":
-        return _cut(data.get("label") or f"L{layer} #{data.get('feature')}"), here
-    if kind == "error":
-        return f"error L{layer}", here
-    if kind == "remainder":
-        return f"rest L{layer} ({data.get('members')})", here
-    return _cut(data.get("label") or node), f"{len(data.get('children') or [])} nodes"
+    return node_kind(data["kind"]).label(node, data, show_token(position_token(graph, data["position"])))
 
 
 def node_description(graph: AttributionGraph, node: str) -> str:

@@ -109,14 +109,15 @@ PAGE_JS = """
 
   function drawNode(g, n) {
     var w = SLOT_W - 8, h = SLOT_H - 10, shape;
-    if (n.kind === 'token' || n.kind === 'logit' || n.kind === 'remainder') {
-      shape = el('rect', { x: -w / 2, y: -h / 2, width: w, height: h, rx: n.kind === 'remainder' ? 8 : 2 }, g);
-    } else if (n.kind === 'error') {
+    var kind = data.kinds[n.kind] || { shape: 'ellipse', fill: '#eee' };
+    if (kind.shape === 'box' || kind.shape === 'octagon') {  // an octagon is drawn as a rounded box
+      shape = el('rect', { x: -w / 2, y: -h / 2, width: w, height: h, rx: kind.shape === 'octagon' ? 8 : 2 }, g);
+    } else if (kind.shape === 'diamond') {
       shape = el('polygon', { points: [0, -h / 2, w / 2, 0, 0, h / 2, -w / 2, 0].join(' ') }, g);
-    } else {
+    } else {  // ellipse, hexagon
       shape = el('ellipse', { rx: w / 2, ry: h / 2 }, g);
     }
-    shape.setAttribute('fill', data.fills[n.kind] || '#eee');
+    shape.setAttribute('fill', kind.fill);
     shape.setAttribute('stroke', '#4a5568');
     el('text', { y: -2 }, g).textContent = n.l1;
     el('text', { y: 9 }, g).textContent = n.l2;

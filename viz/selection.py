@@ -18,9 +18,8 @@ from dataclasses import dataclass
 from pydantic import BaseModel, Field
 
 from circuits.graph.attribution_graph import AttributionGraph
+from circuits.graph.node_kinds import node_kind
 from circuits.graph.weights import edge_importance
-
-ALWAYS_SHOWN = ("token", "logit")
 
 
 class DrawLimits(BaseModel):
@@ -40,7 +39,7 @@ class Selection:
 
 def ranked_nodes(graph: AttributionGraph) -> list[str]:
     """Nodes that compete for space (everything but tokens and logits), most influential first."""
-    nodes = [n for n, kind in graph.graph.nodes(data="kind") if kind not in ALWAYS_SHOWN]
+    nodes = [n for n, kind in graph.graph.nodes(data="kind") if not node_kind(kind).always_drawn]
     return sorted(nodes, key=lambda v: -graph.graph.nodes[v]["influence"])
 
 
@@ -52,7 +51,8 @@ def ranked_edges(graph: AttributionGraph) -> list[tuple[str, str]]:
 
 def select(graph: AttributionGraph, limits: DrawLimits) -> Selection:
     ranked = ranked_nodes(graph)
-    shown = {n for n, kind in graph.graph.nodes(data="kind") if kind in ALWAYS_SHOWN} | set(ranked[: limits.max_nodes])
+    always = {n for n, kind in graph.graph.nodes(data="kind") if node_kind(kind).always_drawn}
+    shown = always | set(ranked[: limits.max_nodes])
     edges = [e for e in ranked_edges(graph) if e[0] in shown and e[1] in shown]
     nodes = [n for n in graph.graph.nodes if n in shown]
     return Selection(nodes, edges[: limits.max_edges], graph.graph.number_of_nodes() - len(nodes),

@@ -1,10 +1,10 @@
 """SVG through graphviz: layers bottom to top, token positions left to right.
 
 Nodes are placed by :func:`viz.selection.layout` and handed to graphviz's ``neato -n2`` (which keeps the
-given positions and only routes the edges), one shape per node: tokens and logits boxes, features
-ellipses, errors diamonds, remainders octagons, supernodes hexagons. A node's label shows its token text
-and the feature's label (or layer and index); hovering shows the full description. Edges are blue when
-positive and red when negative, their width grows with the absolute weight. Big graphs are cut to
+given positions and only routes the edges), with the shape and fill of their kind (from
+:mod:`circuits.graph.node_kinds`: tokens and logits boxes, features ellipses, errors diamonds, ...). A node's
+label shows its token text and the feature's label (or layer and index); hovering shows the full description.
+Edges are blue when positive and red when negative, their width grows with the absolute weight. Big graphs are cut to
 ``DrawLimits`` (by default the 120 most influential nodes besides tokens and logits, and the 400 most
 important edges among them); the caption says how much is hidden.
 """
@@ -17,15 +17,14 @@ from pathlib import Path
 import graphviz
 
 from circuits.graph.attribution_graph import AttributionGraph
+from circuits.graph.node_kinds import node_kind
 from dictionaries.atomic_output import write_text_atomic
 from dictionaries.errors import CircuitscopeError
 
 from .labels import node_description, node_label
-from .palette import FILLS, NEGATIVE, POSITIVE
+from .palette import NEGATIVE, POSITIVE
 from .selection import DrawLimits, Grid, layout, select
 
-SHAPES = {"token": "box", "logit": "box", "feature": "ellipse", "error": "diamond", "remainder": "octagon",
-          "supernode": "hexagon"}
 INSTALL_GRAPHVIZ = ("the graphviz program `neato` is not installed; install graphviz "
                     "(Debian/Ubuntu: apt-get install graphviz, macOS: brew install graphviz, "
                     "conda: conda install -c conda-forge graphviz)")
@@ -59,10 +58,11 @@ def to_dot(graph: AttributionGraph, limits: DrawLimits | None = None, grid: Grid
     names = {node: f"n{i}" for i, node in enumerate(chosen.nodes)}
     for node in chosen.nodes:
         data = graph.graph.nodes[node]
+        kind = node_kind(data["kind"])
         x, y = placement.where[node]
         line1, line2 = node_label(graph, node)
-        dot.node(names[node], label=f"{_escape(line1)}\\n{_escape(line2)}", shape=SHAPES[data["kind"]],
-                 fillcolor=FILLS[data["kind"]], pos=f"{x:.1f},{height - y:.1f}!",
+        dot.node(names[node], label=f"{_escape(line1)}\\n{_escape(line2)}", shape=kind.shape,
+                 fillcolor=kind.fill, pos=f"{x:.1f},{height - y:.1f}!",
                  tooltip=_escape(node_description(graph, node)), **{"class": data["kind"]})
     biggest = max((abs(graph.graph.edges[e]["weight"]) for e in chosen.edges), default=1.0) or 1.0
     for s, t in reversed(chosen.edges):  # the most important edges drawn last, on top

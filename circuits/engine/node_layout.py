@@ -19,7 +19,6 @@ import torch
 from .replacement import ActiveFeatures
 
 TOKEN, FEATURE, ERROR, LOGIT = 0, 1, 2, 3
-KIND_NAMES = {TOKEN: "token", FEATURE: "feature", ERROR: "error", LOGIT: "logit"}
 
 
 @dataclass

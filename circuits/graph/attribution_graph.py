@@ -23,19 +23,20 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import networkx as nx
-from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, ValidationError, model_validator
 
 from dictionaries.atomic_output import write_text_atomic
 from dictionaries.errors import CircuitscopeError
 
 from ..settings import TraceSettings
+from .node_kinds import node_kind
 
 GRAPH_FORMAT = "circuitscope.graph"
 GRAPH_SCHEMA_VERSION = 3
-NodeKind = Literal["token", "feature", "error", "remainder", "logit", "supernode"]
+NodeKind = Annotated[str, AfterValidator(lambda kind: node_kind(kind).name)]  # a kind of circuits.graph.node_kinds
 
 
 class NodeData(BaseModel):

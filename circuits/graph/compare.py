@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from .attribution_graph import AttributionGraph
+from .node_kinds import node_kind
 
 Match = Literal["feature", "node"]
 
@@ -23,14 +24,9 @@ def node_identity(node: str, data: dict, match: Match = "feature") -> str:
     """The identity under which ``node`` is matched across graphs."""
     if match == "node":
         return node
-    kind = data["kind"]
     if data.get("feature_key") is not None:
         return f"feature:{data['feature_key']}"
-    if kind in ("token", "logit"):
-        return f"{kind}:{data.get('token')}"
-    if kind in ("error", "remainder"):
-        return f"{kind}:{data['layer']}"
-    return f"{kind}:{data.get('label') or node}"
+    return node_kind(data["kind"]).identity(node, data)
 
 
 @dataclass(frozen=True)

@@ -34,12 +34,8 @@ from dictionaries.errors import CircuitscopeError
 
 from .attribution_graph import AttributionGraph
 from .lookup import top_logit
+from .node_kinds import node_kind
 from .subgraphs import cumulative_influence
-
-FEATURE_TYPES = {
-    "token": "embedding", "feature": "cross layer transcoder", "error": "mlp reconstruction error",
-    "remainder": "unexplored node", "supernode": "supernode", "logit": "logit",
-}
 
 
 class NeuronpediaOptions(BaseModel):
@@ -124,7 +120,7 @@ def _node(graph: AttributionGraph, node: str, data: dict, negative: int) -> NPNo
     else:
         clerp = data.get("label") or ""
     return NPNode(node_id=f"{layer}_{feature}_{pos}", jsNodeId=f"{layer}_{feature}-{pos}", feature=feature,
-                  layer=str(layer), ctx_idx=pos, feature_type=FEATURE_TYPES[kind], clerp=clerp,
+                  layer=str(layer), ctx_idx=pos, feature_type=node_kind(kind).neuronpedia_type, clerp=clerp,
                   activation=data.get("activation"))
 
 

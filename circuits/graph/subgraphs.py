@@ -16,8 +16,7 @@ from dictionaries.errors import CircuitscopeError
 
 from .attribution_graph import AttributionGraph
 from .lookup import require_node
-
-RANKED_KINDS = ("feature", "remainder", "supernode")  # what influence thresholds choose among (as in pruning)
+from .node_kinds import node_kind
 
 
 def subgraph(graph: AttributionGraph, nodes: Iterable[str]) -> AttributionGraph:
@@ -47,7 +46,7 @@ def influence_subgraph(graph: AttributionGraph, threshold: float, cumulative: bo
     ``cumulative``: keep the smallest set of them whose influence reaches ``threshold`` (in (0, 1]) of their
     total, as pruning does; otherwise keep those whose own influence is at least ``threshold``.
     """
-    ranked = [n for n, kind in graph.graph.nodes(data="kind") if kind in RANKED_KINDS]
+    ranked = [n for n, kind in graph.graph.nodes(data="kind") if node_kind(kind).ranked]
     if cumulative:
         if not 0.0 < threshold <= 1.0:
             raise CircuitscopeError(f"a cumulative influence threshold lies in (0, 1], got {threshold}")
@@ -58,7 +57,7 @@ def influence_subgraph(graph: AttributionGraph, threshold: float, cumulative: bo
                 break
     else:
         kept = {v for v in ranked if graph.graph.nodes[v]["influence"] >= threshold}
-    return subgraph(graph, [n for n, kind in graph.graph.nodes(data="kind") if kind not in RANKED_KINDS or n in kept])
+    return subgraph(graph, [n for n, kind in graph.graph.nodes(data="kind") if not node_kind(kind).ranked or n in kept])
 
 
 def neighbourhood(graph: AttributionGraph, node: str, hops: int = 1,
