@@ -29,6 +29,7 @@ from .graph.attribution_graph import (
     DictionaryInfo,
     GraphMetadata,
     NodeData,
+    PlanEstimate,
     Scores,
 )
 from .graph.labels import label_graph
@@ -87,6 +88,9 @@ def trace(
         n_active_features=result.n_features,
         n_expanded_features=int(result.expanded.sum()),
         timings={k: round(v, 4) for k, v in result.timings.items()},
+        plan=None if result.plan is None else PlanEstimate(
+            peak_bytes=result.plan.peak_bytes, adjacency_bytes=result.plan.adjacency_bytes,
+            seconds=round(result.plan.seconds, 3), batch_size=result.plan.batch_size),
     )
     graph = AttributionGraph(_build_networkx(result, pruned, groups), metadata)
     if settings.keep_unpruned:  # the whole graph, minus what the pruned one holds

@@ -40,6 +40,11 @@ from .options import (
 @click.option("--max-features", type=int, default=None, help="Feature budget (default: expand every active feature).")
 @click.option("--batch-size", default=trace_default("batch_size"), show_default=True,
               help="Targets per backward batch.")
+@click.option("--memory-limit", default=None, metavar="SIZE",
+              help="Memory the whole trace may use, e.g. 8GB (default: what is free). A trace that would not fit "
+                   "is refused before any work, with its estimate and the flag that fixes it.")
+@click.option("--plan", "plan_only", is_flag=True,
+              help="Print the plan (active features, rows, estimated peak memory and time, batch size) and stop.")
 @click.option("--node-threshold", default=trace_default("node_threshold"), show_default=True,
               help="Cumulative node influence kept by pruning.")
 @click.option("--edge-threshold", default=trace_default("edge_threshold"), show_default=True,
@@ -52,8 +57,9 @@ from .options import (
 @click.option("--html", "html_path", default=None, help="Write the interactive HTML page here instead.")
 @click.option("--neuronpedia", "np_path", default=None, help="Also export JSON for the Neuronpedia graph frontend.")
 def trace_command(prompt, model, dictionaries_path, selectors, out_dir, output, no_drawings, no_labels, max_logits,
-                  logit_prob, targets, logit_diff, position, max_features, batch_size, node_threshold, edge_threshold,
-                  dtype, device, chat, keep_unpruned, svg_path, html_path, np_path) -> None:
+                  logit_prob, targets, logit_diff, position, max_features, batch_size, memory_limit, plan_only,
+                  node_threshold, edge_threshold, dtype, device, chat, keep_unpruned, svg_path, html_path,
+                  np_path) -> None:
     """Trace PROMPT: write its attribution graph as graph.json, graph.svg and graph.html.
 
     With no options: the default model (the real Gemma 3 270M) and the dictionaries shipped for it.
@@ -62,6 +68,8 @@ def trace_command(prompt, model, dictionaries_path, selectors, out_dir, output, 
 
     from pydantic import ValidationError
 
+    from circuits.engine.attribution import plan_attribution
+    from circuits.engine.plan import format_bytes, parse_bytes
     from circuits.settings import TraceSettings
     from circuits.tracing import trace
     from dictionaries.labels import FeatureLabels
@@ -72,12 +80,17 @@ def trace_command(prompt, model, dictionaries_path, selectors, out_dir, output, 
             max_logits=max_logits, logit_prob=logit_prob, targets=list(targets) or None, logit_diff=logit_diff,
             position=position, max_features=max_features, batch_size=batch_size, node_threshold=node_threshold,
             edge_threshold=edge_threshold, dtype=dtype, chat=chat, keep_unpruned=keep_unpruned,
+            memory_limit=None if memory_limit is None else parse_bytes(memory_limit),
         )
     except ValidationError as exc:
         first = exc.errors()[0]
         raise CircuitscopeError(f"bad setting {'.'.join(map(str, first['loc']))}: {first['msg']}") from None
     if not prompt.strip():
         raise CircuitscopeError("The prompt is empty; pass some text to trace.")
+    if plan_only:  # writes nothing
+        loaded = load_model_and_dictionaries(model, dictionaries_path, dtype, device, selectors)
+        click.echo(plan_attribution(loaded.lm, loaded.dicts, prompt, settings).describe())
+        return
     output, svg_path, html_path = _output_paths(Path(out_dir), output, svg_path, html_path, no_drawings)
     loaded = load_model_and_dictionaries(model, dictionaries_path, dtype, device, selectors)
     lm, dicts = loaded.lm, loaded.dicts
@@ -95,6 +108,9 @@ def trace_command(prompt, model, dictionaries_path, selectors, out_dir, output, 
     shown = ", ".join(f"{graph.graph.nodes[n]['token']!r} {graph.graph.nodes[n]['probability']:.3f}" for n in logits)
     click.echo(f"logits     {shown}")
     click.echo(f"time       {time.perf_counter() - start:.1f} s (attribution {meta.timings.get('total', 0):.1f} s)")
+    if meta.plan is not None:
+        click.echo(f"plan       estimated peak {format_bytes(meta.plan.peak_bytes)}, "
+                   f"{meta.plan.seconds:.1f} s, batch size {meta.plan.batch_size}")
 
 
 def _output_paths(out_dir: Path, output: str | None, svg_path: str | None, html_path: str | None,

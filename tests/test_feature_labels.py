@@ -286,7 +286,7 @@ def test_trace_labels_feature_nodes_and_keeps_their_contexts(labelled_graph, tmp
     assert [c.tokens for c in record.contexts] == [c.tokens for c in summary.contexts]
     assert record.promoted == [t.token for t in summary.promoted]
     loaded = AttributionGraph.load(graph.save(tmp_path / "g.json"))
-    assert json.loads((tmp_path / "g.json").read_text())["schema_version"] == 3
+    assert json.loads((tmp_path / "g.json").read_text())["schema_version"] >= 3  # feature_info came with schema 3
     assert loaded.metadata.feature_info == info
     assert loaded.graph.nodes[node]["label"] == data["label"]
 

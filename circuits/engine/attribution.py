@@ -26,6 +26,7 @@ from .edge_rows import EdgeRowComputer, RowBlock
 from .influence import node_influence
 from .linear_backward import FrozenLinearBackward
 from .node_layout import NodeLayout, build_layout
+from .plan import Calibration, TraceDoesNotFit, TracePlan, check_forward_fits, make_plan, measure_bandwidth
 from .replacement import Replacement, build_replacement
 from .targets import LogitTargets, select_logit_targets
 
@@ -47,21 +48,28 @@ class Attribution:
     expanded: torch.Tensor  # [n_features] bool: features whose rows were computed
     settings: TraceSettings
     timings: dict[str, float] = field(default_factory=dict)
+    plan: TracePlan | None = None  # what was estimated before the rows were computed
 
     @property
     def n_features(self) -> int:
         return len(self.replacement.features)
 
 
-def attribute(
-    lm: LoadedModel,
-    dicts: DictionarySet,
-    prompt: str,
-    settings: TraceSettings | None = None,
-    progress: bool = False,
-) -> Attribution:
-    """Compute the attribution adjacency for ``prompt`` (see the module docstring)."""
-    settings = settings or TraceSettings()
+@dataclass
+class _Prepared:
+    """A prompt run forward and encoded, ready for its rows: everything before the plan."""
+
+    input_ids: torch.Tensor
+    position: int
+    clean: CleanRun
+    replacement: Replacement
+    layout: NodeLayout
+    logits: LogitTargets
+    rows: EdgeRowComputer
+    timings: dict[str, float]
+
+
+def _prepare(lm: LoadedModel, dicts: DictionarySet, prompt: str, settings: TraceSettings) -> _Prepared:
     dicts.check_fits(lm.n_layers, lm.d_model, lm.name)
     timings: dict[str, float] = {}
     start = time.perf_counter()
@@ -76,6 +84,8 @@ def attribute(
             f"position {settings.position} is outside the prompt's {n_positions} tokens; pass 0..{n_positions - 1}"
         )
     device = lm.device
+    n_heads = lm.architecture.heads(lm.config)[0]
+    check_forward_fits(n_positions, lm.n_layers, n_heads, lm.d_model, device, settings.memory_limit)
     clean = record_clean_run(lm, input_ids)
     constant = tokenized.constant.to(device)
     replacement = build_replacement(clean, dicts, constant)
@@ -93,6 +103,72 @@ def attribute(
             weight = dicts.encoder_weight(layer)
             encoders[ids] = weight[:, features.index[ids].to(weight.device)].T.float().to(device)
     rows = EdgeRowComputer(backward, layout, replacement, clean.embeddings.to(device), encoders)
+    timings["setup"] = time.perf_counter() - start
+    return _Prepared(input_ids, position, clean, replacement, layout, logits, rows, timings)
+
+
+_BANDWIDTH: dict[str, float] = {}
+
+
+def _calibrate(prepared: _Prepared, batch: int, device: torch.device) -> Calibration:
+    """Time one batch of rows of the top layer's features (discarded) and a pass over memory (see plan.py)."""
+    if str(device) not in _BANDWIDTH:
+        _BANDWIDTH[str(device)] = measure_bandwidth(device)
+    features = prepared.replacement.features
+    if len(features) == 0:
+        return Calibration(0.0, _BANDWIDTH[str(device)])
+    top = int(features.layer.max())
+    probe = (features.layer == top).nonzero().flatten()[:batch]
+    start = time.perf_counter()
+    prepared.rows.feature_rows(probe)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return Calibration((time.perf_counter() - start) / (len(probe) * (top + 1)), _BANDWIDTH[str(device)])
+
+
+def _plan(lm: LoadedModel, prepared: _Prepared, settings: TraceSettings) -> TracePlan:
+    start = time.perf_counter()
+    device = lm.device
+    features = prepared.replacement.features
+    n_heads, _, head_dim = lm.architecture.heads(lm.config)
+    calibration = _calibrate(prepared, settings.batch_size, device)
+    plan = make_plan(prepared.layout, features.layer, len(prepared.logits.labels), lm.d_model, n_heads * head_dim,
+                     settings.batch_size, settings.max_features, device, calibration, settings.memory_limit)
+    prepared.timings["plan"] = time.perf_counter() - start
+    return plan
+
+
+def plan_attribution(
+    lm: LoadedModel, dicts: DictionarySet, prompt: str, settings: TraceSettings | None = None
+) -> TracePlan:
+    """The plan of ``attribute(lm, dicts, prompt, settings)`` (see :mod:`circuits.engine.plan`): runs the forward
+    pass, encodes, and times one batch of rows; computes no adjacency."""
+    settings = settings or TraceSettings()
+    return _plan(lm, _prepare(lm, dicts, prompt, settings), settings)
+
+
+def attribute(
+    lm: LoadedModel,
+    dicts: DictionarySet,
+    prompt: str,
+    settings: TraceSettings | None = None,
+    progress: bool = False,
+) -> Attribution:
+    """Compute the attribution adjacency for ``prompt`` (see the module docstring).
+
+    The plan (:func:`plan_attribution`) is made first: a trace that would not fit in memory raises
+    :class:`~circuits.engine.plan.TraceDoesNotFit` before any row is computed, and the batch size is the plan's."""
+    settings = settings or TraceSettings()
+    prepared = _prepare(lm, dicts, prompt, settings)
+    plan = _plan(lm, prepared, settings)
+    if not plan.fits:
+        raise TraceDoesNotFit(plan.refusal())
+    input_ids, position, replacement = prepared.input_ids, prepared.position, prepared.replacement
+    layout, logits, rows, timings = prepared.layout, prepared.logits, prepared.rows, prepared.timings
+    batch_size = plan.batch_size
+    device = lm.device
+    features = replacement.features
+    start = time.perf_counter()
     n_features = len(features)
     blocks = [rows.logit_rows(logits.directions.to(device), position,
                               torch.arange(n_features, n_features + len(logits.labels), device=device))]
@@ -100,7 +176,7 @@ def attribute(
     expanded = torch.zeros(n_features, dtype=torch.bool, device=device)
     bar = tqdm(total=budget, desc="attribution", unit="feature", disable=not progress, leave=False)
     if budget == n_features:  # no budget: expand everything, in layer order
-        for chosen in torch.arange(n_features, device=device).split(settings.batch_size):
+        for chosen in torch.arange(n_features, device=device).split(batch_size):
             blocks.extend(rows.feature_rows(chosen))
             bar.update(len(chosen))
         expanded[:] = True
@@ -110,19 +186,19 @@ def attribute(
         while int(expanded.sum()) < budget:
             # Re-rank by current influence on the logits whenever the rows added since the last ranking
             # reach a batch or a quarter of all expanded rows: O(log budget) sweeps instead of one per batch.
-            if len(ranking) == 0 or since_ranking >= max(settings.batch_size, int(expanded.sum()) // 4):
+            if len(ranking) == 0 or since_ranking >= max(batch_size, int(expanded.sum()) // 4):
                 influence = node_influence(blocks, layout, logits.weights.to(device))[layout.feature_node.to(device)]
                 influence[expanded] = -1.0
                 ranking = torch.argsort(influence, descending=True)[: budget - int(expanded.sum())]
                 since_ranking = 0
-            chosen, ranking = ranking[: settings.batch_size], ranking[settings.batch_size:]
+            chosen, ranking = ranking[:batch_size], ranking[batch_size:]
             blocks.extend(rows.feature_rows(chosen))
             expanded[chosen] = True
             since_ranking += len(chosen)
             bar.update(len(chosen))
     bar.close()
-    timings["attribution"] = time.perf_counter() - start
+    timings["attribution"] = time.perf_counter() - start + timings.pop("setup")
     tokens = [lm.tokenizer.decode([i]) for i in input_ids[0].tolist()]
-    return Attribution(prompt, input_ids[0], tokens, position, clean, replacement, layout, logits, blocks,
-                       expanded, settings, timings)
+    return Attribution(prompt, input_ids[0], tokens, position, prepared.clean, replacement, layout, logits, blocks,
+                       expanded, settings, timings, plan)
 

@@ -16,7 +16,8 @@ Schema history: 1, the pruned graph; 2 (a superset: version 1 files still load) 
 with ``children`` and the optional ``unpruned`` section (:class:`UnprunedSection`); 3 (a superset of 2)
 adds ``metadata.feature_info``: per feature key, what the dictionaries' labels say about the feature
 (:class:`FeatureInfo`: its label, activation frequency, top contexts, promoted and suppressed tokens), so
-that a graph renders its features' contexts without the dictionaries.
+that a graph renders its features' contexts without the dictionaries; 4 (a superset of 3) adds ``metadata.plan``,
+the trace's estimate of its memory and time (:class:`PlanEstimate`).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from ..settings import TraceSettings
 from .node_kinds import node_kind
 
 GRAPH_FORMAT = "circuitscope.graph"
-GRAPH_SCHEMA_VERSION = 3
+GRAPH_SCHEMA_VERSION = 4
 NodeKind = Annotated[str, AfterValidator(lambda kind: node_kind(kind).name)]  # a kind of circuits.graph.node_kinds
 
 
@@ -111,6 +112,18 @@ class FeatureInfo(BaseModel):
     suppressed: list[str] = []
 
 
+class PlanEstimate(BaseModel):
+    """The trace's plan (see :mod:`circuits.engine.plan`): estimated peak memory (bytes) and time of attribution and
+    pruning (seconds), and the batch size it chose."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    peak_bytes: int
+    adjacency_bytes: int
+    seconds: float
+    batch_size: int
+
+
 class GraphMetadata(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -126,6 +139,7 @@ class GraphMetadata(BaseModel):
     n_active_features: int
     n_expanded_features: int
     timings: dict[str, float] = {}
+    plan: PlanEstimate | None = None  # what the trace estimated before computing its rows (schema 4)
     feature_info: dict[str, FeatureInfo] = {}  # feature key "layer:index" -> labels (schema 3)
 
 

@@ -1,0 +1,282 @@
+"""The plan of a trace: what the attribution will compute, how much memory and time it will take, and whether it
+fits, decided after the forward pass and before any adjacency row is computed.
+
+What is counted (bytes; P positions, d = d_model, N active features, S = sources = P + N + errors, B batch size):
+
+    adjacency     sum over computed rows of the row's width (its source prefix) x 4         (float32 rows)
+                  no budget: exact from the layout; a budget of K: K x the mean feature-row width (the rows chosen
+                  by influence are not known in advance) + the logit rows
+    working       the encoder vectors [N, d] and the sources' vectors grouped by position (decoder writes and
+                  errors, [N + errors, d], padded at most 2x) x 4
+    batch         one batch of rows in flight: ~6 gradient-sized buffers [B, P, max(d, heads x head_dim)] and
+                  the row buffer [B, S], x 4
+    pruning       the copies pruning makes of the rows it keeps (kept rows and their edge scores): 2 x adjacency
+    already held  what the process holds now (model, dictionaries' resident copies, the clean run): RssAnon on a
+                  CPU, torch.cuda.memory_allocated on a GPU; measured, not estimated
+
+    peak = already held + working + adjacency + max(batch, pruning)
+
+The memory this trace may use is the smallest of: the memory available now (MemAvailable on Linux, or a GPU's free
+memory), the cgroup limit, and ``TraceSettings.memory_limit``. The batch size shrinks (down to 1) when a batch would
+not fit; a trace whose peak would not fit is refused with the estimate and the flags that would fix it.
+
+Time is estimated from a probe: one batch of rows of the top layer's features is computed and timed (its cost per
+row and layer), and the cost of a row is taken as proportional to the number of layers it passes through. Ranking
+sweeps of a budgeted run and pruning are estimated as passes over the adjacency at a measured memory bandwidth.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from dictionaries.errors import CircuitscopeError
+
+from .node_layout import NodeLayout
+
+FLOAT = 4  # bytes of a float32
+_GRADIENT_BUFFERS = 6  # gradient rows and the attention backward's temporaries alive at once (see linear_backward)
+_PRUNING_COPIES = 2  # rows kept by pruning and their edge scores
+_SAFETY = 0.9  # use at most this share of the memory available
+_SWEEP_PASSES = 15  # passes over the adjacency: ranking sweeps (a budget) + influence, folding, pruning, scores
+
+
+class TraceDoesNotFit(CircuitscopeError):
+    """A trace whose estimated peak memory exceeds what it may use; the message holds the plan and the fixes."""
+
+
+@dataclass(frozen=True)
+class MemoryAvailable:
+    bytes: int  # what the trace may still allocate
+    source: str  # where the figure comes from
+
+
+def parse_bytes(text: str) -> int:
+    """``"8GB"``, ``"512 MiB"``, ``"1.5G"`` or a plain number of bytes -> bytes (powers of 1024)."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kmgt]?)i?b?\s*", text.lower())
+    if not match:
+        raise CircuitscopeError(f"cannot read the memory size {text!r}; write e.g. 8GB, 512MB or 1.5G")
+    return int(float(match[1]) * 1024 ** "bkmgt".index(match[2] or "b"))
+
+
+def format_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(n) < 1024:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TB"
+
+
+def _proc_field(path: str, name: str) -> int | None:
+    try:
+        for line in Path(path).read_text().splitlines():
+            if line.startswith(name + ":"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def _cgroup_room() -> int | None:
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        used = int(Path("/sys/fs/cgroup/memory.current").read_text().strip())
+    except (OSError, ValueError):
+        return None
+    return None if limit == "max" else max(int(limit) - used, 0)
+
+
+def memory_held(device: torch.device) -> int:
+    """What this process holds now on ``device``: RssAnon on a CPU (memory-mapped files are not counted: the
+    kernel can drop their pages), allocated memory on a GPU."""
+    if device.type == "cuda":
+        return int(torch.cuda.memory_allocated(device))
+    return _proc_field("/proc/self/status", "RssAnon") or 0
+
+
+def memory_available(device: torch.device, limit: int | None = None) -> MemoryAvailable:
+    """What a trace may still allocate on ``device``: see the module docstring. ``limit`` caps the trace's
+    whole footprint (what it holds now included)."""
+    options: list[MemoryAvailable] = []
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        options.append(MemoryAvailable(int(free), "the GPU's free memory"))
+    else:
+        available = _proc_field("/proc/meminfo", "MemAvailable")
+        if available is not None:
+            options.append(MemoryAvailable(available, "MemAvailable"))
+        room = _cgroup_room()
+        if room is not None:
+            options.append(MemoryAvailable(room, "the cgroup's memory.max"))
+    if limit is not None:
+        options.append(MemoryAvailable(max(limit - memory_held(device), 0), "--memory-limit"))
+    if not options:
+        return MemoryAvailable(1 << 62, "unknown (no limit)")
+    best = min(options, key=lambda m: m.bytes)
+    return MemoryAvailable(int(best.bytes * _SAFETY) if best.source != "--memory-limit" else best.bytes, best.source)
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Measured speeds of this machine: seconds per (row x layer) of attribution at the probe's batch size, and
+    seconds per adjacency element of a pass over the rows (abs, sum, multiply)."""
+
+    seconds_per_row_layer: float
+    seconds_per_element: float
+
+
+def measure_bandwidth(device: torch.device, elements: int = 1 << 23) -> float:
+    """Seconds per float32 element of one ``abs().sum(1)`` pass (what influence and pruning do over the rows)."""
+    x = torch.rand(1024, elements // 1024, device=device)
+    x.abs().sum(1)  # warm up
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    x.abs().sum(1)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return (time.perf_counter() - start) / elements
+
+
+@dataclass(frozen=True)
+class TracePlan:
+    n_positions: int
+    n_layers: int
+    n_features: int  # active features
+    n_expanded: int  # feature rows to compute
+    n_logits: int
+    n_sources: int
+    batch_size: int
+    adjacency_bytes: int
+    working_bytes: int
+    batch_bytes: int
+    pruning_bytes: int
+    held_bytes: int
+    available: MemoryAvailable
+    seconds: float
+    budget_hint: int | None  # the largest feature budget that fits, when the plan does not
+
+    @property
+    def peak_bytes(self) -> int:
+        return self.held_bytes + self.working_bytes + self.adjacency_bytes + max(self.batch_bytes, self.pruning_bytes)
+
+    @property
+    def fits(self) -> bool:
+        return self.peak_bytes - self.held_bytes <= self.available.bytes
+
+    def describe(self) -> str:
+        rows = f"{self.n_expanded:,} feature rows + {self.n_logits} logit rows"
+        budget = "" if self.n_expanded == self.n_features else f" (a budget of {self.n_expanded:,})"
+        return "\n".join([
+            f"prompt          {self.n_positions} tokens, {self.n_layers} layers",
+            f"active features {self.n_features:,}",
+            f"rows to compute {rows}{budget}, over up to {self.n_sources:,} sources",
+            f"batch size      {self.batch_size}",
+            f"memory          peak {format_bytes(self.peak_bytes)} = held {format_bytes(self.held_bytes)} + "
+            f"adjacency {format_bytes(self.adjacency_bytes)} + working {format_bytes(self.working_bytes)} + "
+            f"max(batch {format_bytes(self.batch_bytes)}, pruning {format_bytes(self.pruning_bytes)})",
+            f"may use         {format_bytes(self.available.bytes)} more ({self.available.source})",
+            f"time            about {self.seconds:.0f} s for attribution and pruning",
+        ])
+
+    def refusal(self) -> str:
+        fixes = []
+        if self.budget_hint:
+            fixes.append(f"a feature budget (--max-features {self.budget_hint:,} fits)")
+        fixes.append("a shorter prompt")
+        fixes.append("a device or machine with more memory (--device)")
+        fixes.append("a higher --memory-limit if the limit is yours")
+        return (f"this trace needs about {format_bytes(self.peak_bytes - self.held_bytes)} more memory but may use "
+                f"{format_bytes(self.available.bytes)} ({self.available.source}); nothing was attributed.\n"
+                f"{self.describe()}\nfix it with: " + "; ".join(fixes))
+
+
+def _row_widths(layout: NodeLayout, feature_layers: torch.Tensor) -> torch.Tensor:
+    """Width [N] of each active feature's row (the sources below its layer)."""
+    ends = torch.tensor([layout.prefix_end(layer) for layer in range(len(layout.layer_end))], dtype=torch.long)
+    return ends[feature_layers.cpu()] if len(feature_layers) else torch.zeros(0, dtype=torch.long)
+
+
+def _adjacency_bytes(widths: torch.Tensor, n_expanded: int, n_logits: int, n_sources: int) -> int:
+    if n_expanded >= len(widths):
+        feature_elements = int(widths.sum())
+    else:  # which rows a budget picks is unknown until it runs: count the mean row
+        feature_elements = int(float(widths.float().mean()) * n_expanded) if len(widths) else 0
+    return (feature_elements + n_logits * n_sources) * FLOAT
+
+
+def _row_layers(feature_layers: torch.Tensor, n_expanded: int) -> float:
+    """Layers that the computed rows pass through in all (a row of layer l passes through l + 1 layers)."""
+    depth = (feature_layers.cpu().float() + 1)
+    if len(depth) == 0:
+        return 0.0
+    return float(depth.sum()) if n_expanded >= len(depth) else float(depth.mean()) * n_expanded
+
+
+def make_plan(
+    layout: NodeLayout,
+    feature_layers: torch.Tensor,
+    n_logits: int,
+    d_model: int,
+    head_width: int,
+    max_batch: int,
+    budget: int | None,
+    device: torch.device,
+    calibration: Calibration,
+    memory_limit: int | None = None,
+    extra_working_bytes: int = 0,
+) -> TracePlan:
+    """The plan for attributing ``layout``'s features (``feature_layers`` [N] long) and ``n_logits`` logit rows.
+
+    ``head_width`` is heads x head_dim; ``budget`` the feature budget (None: every feature); ``max_batch`` the
+    batch size asked for. ``extra_working_bytes`` counts memory the caller will still allocate."""
+    n_features = len(feature_layers)
+    n_expanded = n_features if budget is None else min(budget, n_features)
+    P = int(layout.token_node.shape[0])
+    n_sources = layout.n_sources
+    n_errors = int((layout.error_node >= 0).sum())
+    widths = _row_widths(layout, feature_layers)
+    held = memory_held(device)
+    available = memory_available(device, memory_limit)
+    working = (n_features + (n_features + n_errors) * 2) * d_model * FLOAT + extra_working_bytes
+    per_row = (_GRADIENT_BUFFERS * P * max(d_model, head_width) + n_sources) * FLOAT
+
+    def estimate(expanded: int) -> tuple[int, int, int]:
+        adjacency = _adjacency_bytes(widths, expanded, n_logits, n_sources)
+        room = available.bytes - working - adjacency
+        batch = max(1, min(max_batch, room // per_row if room > 0 else 1))
+        return adjacency, int(batch), adjacency * _PRUNING_COPIES
+
+    adjacency, batch, pruning = estimate(n_expanded)
+    seconds = (_row_layers(feature_layers, n_expanded) * calibration.seconds_per_row_layer
+               + adjacency / FLOAT * _SWEEP_PASSES * calibration.seconds_per_element)
+    plan = TracePlan(P, len(layout.layer_end), n_features, n_expanded, n_logits, n_sources, batch, adjacency,
+                     working, batch * per_row, pruning, held, available, seconds, None)
+    if plan.fits:
+        return plan
+    low, high = 0, n_expanded  # the largest budget that fits
+    while low < high:
+        mid = (low + high + 1) // 2
+        adjacency, batch, pruning = estimate(mid)
+        if working + adjacency + max(batch * per_row, pruning) <= available.bytes:
+            low = mid
+        else:
+            high = mid - 1
+    return TracePlan(**{**plan.__dict__, "budget_hint": low or None})
+
+
+def check_forward_fits(n_positions: int, n_layers: int, n_heads: int, d_model: int, device: torch.device,
+                       memory_limit: int | None = None) -> None:
+    """Refuse a prompt whose clean run alone would not fit: the attention patterns [H, P, P] of every layer are
+    recorded (and transposed once for the backward pass), with ~6 [P, d] records per layer."""
+    need = (2 * n_layers * n_heads * n_positions ** 2 + 8 * n_layers * n_positions * d_model) * FLOAT
+    available = memory_available(device, memory_limit)
+    if need > available.bytes:
+        raise TraceDoesNotFit(
+            f"a {n_positions}-token prompt needs about {format_bytes(need)} for its forward pass alone (the attention "
+            f"patterns of {n_layers} layers) but the trace may use {format_bytes(available.bytes)} "
+            f"({available.source}); nothing was run. Fix it with a shorter prompt or a device with more memory")

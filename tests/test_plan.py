@@ -1,0 +1,134 @@
+"""The plan made before every trace (circuits/engine/plan.py): its counts are exact where they can be, a trace that
+would not fit is refused before any row is computed, the batch size adapts to the memory, and `trace --plan` prints
+the plan and writes nothing."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from click.testing import CliRunner
+from conftest import PROMPT
+from test_attribution_edges import make_dictionaries
+
+from circuits.engine import attribution as attribution_module
+from circuits.engine import plan as plan_module
+from circuits.engine.attribution import attribute, plan_attribution
+from circuits.engine.edge_rows import EdgeRowComputer
+from circuits.engine.plan import MemoryAvailable, TraceDoesNotFit, format_bytes, parse_bytes
+from circuits.settings import TraceSettings
+from cli import main
+from dictionaries.formats.native import save_native
+
+pytestmark = pytest.mark.usefixtures("one_thread_per_module")
+
+
+@pytest.fixture(scope="module")
+def dicts(tiny_lm):
+    return make_dictionaries(tiny_lm, seed=3)
+
+
+def _room(monkeypatch, n_bytes: int) -> None:
+    """Pretend the trace may allocate ``n_bytes`` more."""
+    monkeypatch.setattr(plan_module, "memory_available", lambda device, limit=None: MemoryAvailable(n_bytes, "test"))
+
+
+@pytest.mark.parametrize("text, expected", [("8GB", 8 << 30), ("512 MiB", 512 << 20), ("1.5g", 3 << 29),
+                                            ("1000", 1000), ("2k", 2048)])
+def test_memory_sizes_are_read(text, expected):
+    assert parse_bytes(text) == expected
+
+
+def test_an_unreadable_memory_size_says_how_to_write_it():
+    with pytest.raises(Exception, match="write e.g. 8GB"):
+        parse_bytes("lots")
+
+
+@pytest.mark.parametrize("budget", [None, 5])
+def test_the_plan_counts_what_the_attribution_computes(tiny_lm, dicts, budget):
+    settings = TraceSettings(max_features=budget, batch_size=7)
+    result = attribute(tiny_lm, dicts, PROMPT, settings)
+    plan = result.plan
+    stored = sum(block.values.numel() for block in result.blocks) * 4
+    assert plan.n_features == result.n_features
+    assert plan.n_expanded == int(result.expanded.sum())
+    assert plan.n_logits == len(result.logits.labels)
+    assert plan.n_sources == result.layout.n_sources
+    assert plan.batch_size == 7
+    if budget is None:
+        assert plan.adjacency_bytes == stored  # exact without a budget
+    else:  # with a budget the chosen rows are not known in advance: mean row width x budget
+        assert 0.3 * stored < plan.adjacency_bytes < 3 * stored
+    assert plan.fits and plan.seconds > 0
+
+
+def test_a_trace_that_does_not_fit_is_refused_before_any_row(tiny_lm, dicts, monkeypatch):
+    full = plan_attribution(tiny_lm, dicts, PROMPT)
+    _room(monkeypatch, (full.peak_bytes - full.held_bytes) // 3)
+    calls = []
+    monkeypatch.setattr(EdgeRowComputer, "logit_rows", lambda *a, **k: calls.append(1))
+    with pytest.raises(TraceDoesNotFit) as refused:
+        attribute(tiny_lm, dicts, PROMPT)
+    message = str(refused.value)
+    assert calls == []  # nothing attributed: the logit rows come first
+    assert "nothing was attributed" in message and "--max-features" in message
+    hint = int(message.split("--max-features ")[1].split(" ")[0].replace(",", ""))
+    assert 0 < hint < full.n_features
+    # the budget it names fits
+    assert plan_attribution(tiny_lm, dicts, PROMPT, TraceSettings(max_features=hint)).fits
+
+
+def test_the_batch_size_shrinks_to_the_memory_and_the_edges_stay(tiny_lm, dicts, monkeypatch):
+    reference = attribute(tiny_lm, dicts, PROMPT, TraceSettings(batch_size=64))
+    plan = reference.plan
+    per_row = plan.batch_bytes // plan.batch_size
+    # room for the rows, the working set and pruning's copies, and a few rows in flight
+    spare = max(plan.pruning_bytes, 3 * per_row) + per_row // 2
+    expected = spare // per_row
+    assert 1 <= expected < 64
+    _room(monkeypatch, plan.working_bytes + plan.adjacency_bytes + spare)
+    squeezed = attribute(tiny_lm, dicts, PROMPT, TraceSettings(batch_size=64))
+    assert squeezed.plan.batch_size == expected and squeezed.plan.fits
+    assert len(squeezed.blocks) > len(reference.blocks)  # smaller batches
+    dense = {}
+    for result, name in ((reference, "a"), (squeezed, "b")):
+        adjacency = torch.zeros(result.n_features + len(result.logits.labels), result.layout.n_sources)
+        for block in result.blocks:
+            adjacency[block.rows, : block.width] = block.values
+        dense[name] = adjacency
+    torch.testing.assert_close(dense["a"], dense["b"], rtol=1e-5, atol=1e-7)
+
+
+def test_a_prompt_too_long_for_its_forward_pass_is_refused_before_it_runs(tiny_lm, dicts, monkeypatch):
+    _room(monkeypatch, 1000)
+    monkeypatch.setattr(attribution_module, "record_clean_run", lambda *a: pytest.fail("the forward pass ran"))
+    with pytest.raises(TraceDoesNotFit, match="forward pass alone"):
+        attribute(tiny_lm, dicts, PROMPT)
+
+
+def test_memory_limit_caps_what_the_trace_may_use(tiny_lm, dicts):
+    limit = plan_module.memory_held(torch.device("cpu")) + 10_000
+    with pytest.raises(TraceDoesNotFit, match="--memory-limit"):
+        attribute(tiny_lm, dicts, PROMPT, TraceSettings(memory_limit=limit))
+
+
+def test_trace_plan_prints_the_plan_and_writes_nothing(tiny_checkpoint_dir, dicts, tmp_path):
+    folder = save_native(dicts, tmp_path / "dicts")
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, ["trace", PROMPT, "--model", str(tiny_checkpoint_dir), "--dictionaries",
+                                       str(folder), "--plan", "--out", str(out)])
+    assert result.exit_code == 0, (result.output, result.exception)
+    for word in ("active features", "rows to compute", "batch size", "peak", "time"):
+        assert word in result.output
+    assert not out.exists()
+
+
+def test_trace_refuses_under_a_small_memory_limit_with_the_fix(tiny_checkpoint_dir, dicts, tmp_path):
+    folder = save_native(dicts, tmp_path / "dicts")
+    result = CliRunner().invoke(main, ["trace", PROMPT, "--model", str(tiny_checkpoint_dir), "--dictionaries",
+                                       str(folder), "--memory-limit", "1KB", "--out", str(tmp_path / "out")])
+    assert result.exit_code == 2, (result.output, result.exception)
+    assert "--memory-limit" in result.stderr and not (tmp_path / "out" / "graph.json").exists()
+
+
+def test_sizes_are_printed_readably():
+    assert format_bytes(3 << 30) == "3.0 GB" and format_bytes(512) == "512 B"
