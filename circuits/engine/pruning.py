@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .cumulative_cut import cumulative_cut
 from .edge_rows import RowBlock
 from .influence import node_influence
 from .node_layout import FEATURE, NodeLayout
@@ -76,19 +77,6 @@ class PrunedGraph:
     influence: torch.Tensor  # [n_nodes] influence in the unpruned graph
 
 
-def _cumulative_cut(scores: torch.Tensor, threshold: float) -> float:
-    """The smallest score among the top scores whose cumulative sum reaches ``threshold`` of the total."""
-    if scores.numel() == 0:
-        return float("inf")
-    ordered = torch.sort(scores.double(), descending=True).values
-    if threshold >= 1.0:  # keep everything that carries any score (float rounding must not cut the tail)
-        positive = ordered[ordered > 0]
-        return float(positive[-1]) if len(positive) else float("inf")
-    cumulative = torch.cumsum(ordered, 0)  # float64: a long tail of tiny scores still adds up
-    index = int(torch.searchsorted(cumulative, threshold * cumulative[-1]))
-    return float(ordered[min(index, len(ordered) - 1)])
-
-
 def prune(blocks: list[RowBlock], layout: NodeLayout, weights: torch.Tensor, node_threshold: float,
           edge_threshold: float, folded_away: torch.Tensor, influence: torch.Tensor | None = None) -> PrunedGraph:
     """Prune (see the module docstring). ``folded_away`` [n_nodes] bool marks nodes merged into remainders.
@@ -101,7 +89,9 @@ def prune(blocks: list[RowBlock], layout: NodeLayout, weights: torch.Tensor, nod
     influence = influence.to(device)
     kind = layout.kind.to(device)
     is_feature = (kind == FEATURE) & ~folded_away.to(device)
-    cut = _cumulative_cut(influence[is_feature], node_threshold)
+    cut = cumulative_cut(lambda: [influence[is_feature]], node_threshold)
+    if cut == float("inf") and node_threshold < 1.0:  # no feature has influence: none is preferred, all stay
+        cut = 0.0
     keep = ~is_feature | (influence >= cut)
     keep &= ~folded_away.to(device)
     targets = layout.target_nodes.to(device)
@@ -118,13 +108,14 @@ def prune(blocks: list[RowBlock], layout: NodeLayout, weights: torch.Tensor, nod
     pruned_influence = node_influence(pruned, layout, weights)
     own = torch.zeros(layout.n_nodes, device=device)
     own[layout.logit_node.to(device)] = weights
-    scores = []
-    for block in pruned:
-        magnitude = block.values.abs()
-        coefficient = (own + pruned_influence)[targets[block.rows]] / magnitude.sum(1).clamp_min(1e-30)
-        scores.append(magnitude * coefficient[:, None])
-    edge_cut = _cumulative_cut(torch.cat([s[s > 0] for s in scores]) if scores else torch.zeros(0), edge_threshold)
-    for block, score in zip(pruned, scores, strict=True):
+    def scores():  # each edge's score, one block at a time (never all of them at once)
+        for block in pruned:
+            magnitude = block.values.abs()
+            coefficient = (own + pruned_influence)[targets[block.rows]] / magnitude.sum(1).clamp_min(1e-30)
+            yield magnitude * coefficient[:, None]
+
+    edge_cut = cumulative_cut(scores, edge_threshold)
+    for block, score in zip(pruned, scores(), strict=True):
         block.values[score < edge_cut] = 0.0
 
     while True:  # drop features that no longer reach the logits
