@@ -29,6 +29,7 @@ class TraceSettings(BaseModel):
     edge_threshold: float = Field(default=0.98, gt=0.0, le=1.0)
     dtype: Literal["float32", "bfloat16"] = "float32"
     chat: bool = False
+    adjacency: Literal["auto", "float32", "bfloat16"] = "auto"  # rows' storage; auto: float32 when it fits
     memory_limit: int | None = Field(default=None, ge=1)  # bytes the whole trace may use (None: what is free)
     keep_unpruned: bool = False  # also keep what pruning removed (AttributionGraph.unpruned); big graphs get big
 

@@ -15,6 +15,8 @@ from dictionaries.labels import FeatureLabels, fingerprint
 from dictionaries.models.loading import LoadedModel
 
 from .engine.attribution import Attribution, attribute
+from .engine.edge_rows import RowBlock
+from .engine.exact_edges import Recompute, kept_edges
 from .engine.influence import graph_scores, node_influence
 from .engine.node_layout import ERROR, FEATURE, LOGIT, TOKEN
 from .engine.pruning import (
@@ -92,16 +94,25 @@ def trace(
             peak_bytes=result.plan.peak_bytes, adjacency_bytes=result.plan.adjacency_bytes,
             seconds=round(result.plan.seconds, 3), batch_size=result.plan.batch_size),
     )
-    graph = AttributionGraph(_build_networkx(result, pruned, groups), metadata)
+    recompute = None
+    if result.rounded:  # the kept edges' weights recomputed in float32 (circuits.engine.exact_edges)
+        def recompute(row_ids: torch.Tensor) -> list[RowBlock]:
+            blocks = result.recompute_rows(row_ids)
+            fold_remainders(blocks, layout, features.layer, features.position, result.expanded)
+            return blocks
+    graph = AttributionGraph(_build_networkx(result, pruned, groups, recompute), metadata)
     if settings.keep_unpruned:  # the whole graph, minus what the pruned one holds
         everything = PrunedGraph(result.blocks, torch.ones_like(pruned.node_mask), pruned.influence)
+        # (the edges pruning removed keep their stored weights: bfloat16-rounded when the rows were stored so)
         graph.unpruned = removed_by_pruning(_build_networkx(result, everything, groups), graph.graph)
     if labels is not None:
         label_graph(graph, labels)
     return graph
 
 
-def _build_networkx(result: Attribution, pruned: PrunedGraph, groups: list[RemainderGroup]) -> nx.DiGraph:
+def _build_networkx(result: Attribution, pruned: PrunedGraph, groups: list[RemainderGroup],
+                    recompute: Recompute | None = None) -> nx.DiGraph:
+    """The graph of ``pruned``; ``recompute`` gives exact rows when the stored ones are rounded."""
     layout = result.layout
     features = result.replacement.features
     feature_of_node = {int(node): k for k, node in enumerate(layout.feature_node.tolist())}
@@ -111,12 +122,8 @@ def _build_networkx(result: Attribution, pruned: PrunedGraph, groups: list[Remai
     influence = pruned.influence.cpu()
 
     # edges first: a node is drawn when it is a token or logit, or has at least one kept edge
-    edges: list[tuple[int, int, float]] = []
-    for block in pruned.blocks:
-        rows, cols = (block.values != 0).nonzero(as_tuple=True)
-        weights = block.values[rows, cols].tolist()
-        targets = target_nodes[block.rows.cpu()[rows.cpu()]].tolist()
-        edges += zip(cols.tolist(), targets, weights, strict=True)
+    rows, cols, weights = kept_edges(pruned.blocks, len(target_nodes), recompute, result.settings.batch_size)
+    edges = list(zip(cols.tolist(), target_nodes[rows].tolist(), weights.tolist(), strict=True))
     present = {s for s, _, _ in edges} | {t for _, t, _ in edges}
     present |= set(layout.token_node.tolist()) | set(layout.logit_node.tolist())
 

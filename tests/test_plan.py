@@ -63,7 +63,9 @@ def test_the_plan_counts_what_the_attribution_computes(tiny_lm, dicts, budget):
 
 def test_a_trace_that_does_not_fit_is_refused_before_any_row(tiny_lm, dicts, monkeypatch):
     full = plan_attribution(tiny_lm, dicts, PROMPT)
-    _room(monkeypatch, (full.peak_bytes - full.held_bytes) // 3)
+    # room for one row in flight and a quarter of the float32 rows: not even bfloat16 rows fit, a budget does
+    per_row = full.batch_bytes // full.batch_size
+    _room(monkeypatch, full.working_bytes + per_row + full.adjacency_bytes // 4)
     calls = []
     monkeypatch.setattr(EdgeRowComputer, "logit_rows", lambda *a, **k: calls.append(1))
     with pytest.raises(TraceDoesNotFit) as refused:
@@ -132,3 +134,32 @@ def test_trace_refuses_under_a_small_memory_limit_with_the_fix(tiny_checkpoint_d
 
 def test_sizes_are_printed_readably():
     assert format_bytes(3 << 30) == "3.0 GB" and format_bytes(512) == "512 B"
+
+
+def test_rows_are_stored_in_bfloat16_only_when_float32_would_not_fit(tiny_lm, dicts, monkeypatch):
+    full = plan_attribution(tiny_lm, dicts, PROMPT)
+    assert full.storage == "float32"
+    # room for the rows in bfloat16 (half the adjacency, and pruning's copies of them), not in float32
+    per_row = full.batch_bytes // full.batch_size
+    half = full.adjacency_bytes // 2
+    assert 2 * half > per_row
+    _room(monkeypatch, full.working_bytes + half + max(per_row, 2 * half))
+    squeezed = plan_attribution(tiny_lm, dicts, PROMPT)
+    assert squeezed.storage == "bfloat16" and squeezed.fits
+    assert squeezed.adjacency_bytes == full.adjacency_bytes // 2
+
+
+@pytest.mark.parametrize("budget", [None, 6])
+def test_bfloat16_rows_give_the_same_graph_with_exact_edges(tiny_lm, dicts, budget):
+    from circuits.tracing import trace
+
+    exact = trace(tiny_lm, dicts, PROMPT, TraceSettings(max_features=budget, adjacency="float32"))
+    rounded = trace(tiny_lm, dicts, PROMPT, TraceSettings(max_features=budget, adjacency="bfloat16"))
+    assert rounded.metadata.plan is not None
+    assert set(rounded.graph.nodes) == set(exact.graph.nodes)
+    assert set(rounded.graph.edges) == set(exact.graph.edges)
+    for s, t, data in exact.graph.edges(data=True):  # recomputed in float32: exact, not rounded
+        assert rounded.graph.edges[s, t]["weight"] == pytest.approx(data["weight"], rel=1e-6, abs=1e-9)
+    for node, data in exact.graph.nodes(data=True):  # influence from rounded rows: within the documented bound
+        assert rounded.graph.nodes[node]["influence"] == pytest.approx(data["influence"], rel=0.02, abs=1e-6)
+    assert rounded.metadata.scores.replacement == pytest.approx(exact.metadata.scores.replacement, rel=0.02)

@@ -26,7 +26,15 @@ from .edge_rows import EdgeRowComputer, RowBlock
 from .influence import node_influence
 from .linear_backward import FrozenLinearBackward
 from .node_layout import NodeLayout, build_layout
-from .plan import Calibration, TraceDoesNotFit, TracePlan, check_forward_fits, make_plan, measure_bandwidth
+from .plan import (
+    STORAGE_DTYPES,
+    Calibration,
+    TraceDoesNotFit,
+    TracePlan,
+    check_forward_fits,
+    make_plan,
+    measure_bandwidth,
+)
 from .replacement import Replacement, build_replacement
 from .targets import LogitTargets, select_logit_targets
 
@@ -49,10 +57,29 @@ class Attribution:
     settings: TraceSettings
     timings: dict[str, float] = field(default_factory=dict)
     plan: TracePlan | None = None  # what was estimated before the rows were computed
+    rows: EdgeRowComputer | None = None  # computes rows again (exact edges when the stored rows are rounded)
 
     @property
     def n_features(self) -> int:
         return len(self.replacement.features)
+
+    @property
+    def rounded(self) -> bool:
+        """Whether the stored rows are rounded (bfloat16); see :mod:`circuits.engine.exact_edges`."""
+        return bool(self.blocks) and self.blocks[0].values.dtype != torch.float32
+
+    def recompute_rows(self, row_ids: torch.Tensor) -> list[RowBlock]:
+        """Rows ``row_ids`` [k] (feature k, or n_features + logit target j) computed again, in float32."""
+        if self.rows is None:
+            raise ValueError("this attribution kept no row computer")
+        device = self.logits.directions.device
+        row_ids = row_ids.to(device)
+        features, logit_rows = row_ids[row_ids < self.n_features], row_ids[row_ids >= self.n_features]
+        blocks = self.rows.feature_rows(features) if len(features) else []
+        if len(logit_rows):
+            directions = self.logits.directions.to(device)[logit_rows - self.n_features]
+            blocks.append(self.rows.logit_rows(directions, self.position, logit_rows))
+        return blocks
 
 
 @dataclass
@@ -133,7 +160,8 @@ def _plan(lm: LoadedModel, prepared: _Prepared, settings: TraceSettings) -> Trac
     n_heads, _, head_dim = lm.architecture.heads(lm.config)
     calibration = _calibrate(prepared, settings.batch_size, device)
     plan = make_plan(prepared.layout, features.layer, len(prepared.logits.labels), lm.d_model, n_heads * head_dim,
-                     settings.batch_size, settings.max_features, device, calibration, settings.memory_limit)
+                     settings.batch_size, settings.max_features, device, calibration, settings.memory_limit,
+                     storage=settings.adjacency)
     prepared.timings["plan"] = time.perf_counter() - start
     return plan
 
@@ -170,14 +198,19 @@ def attribute(
     features = replacement.features
     start = time.perf_counter()
     n_features = len(features)
-    blocks = [rows.logit_rows(logits.directions.to(device), position,
-                              torch.arange(n_features, n_features + len(logits.labels), device=device))]
+    storage = STORAGE_DTYPES[plan.storage]
+
+    def stored(new: list[RowBlock]) -> list[RowBlock]:
+        return [RowBlock(b.rows, b.values.to(storage)) for b in new]
+
+    blocks = stored([rows.logit_rows(logits.directions.to(device), position,
+                                     torch.arange(n_features, n_features + len(logits.labels), device=device))])
     budget = n_features if settings.max_features is None else min(settings.max_features, n_features)
     expanded = torch.zeros(n_features, dtype=torch.bool, device=device)
     bar = tqdm(total=budget, desc="attribution", unit="feature", disable=not progress, leave=False)
     if budget == n_features:  # no budget: expand everything, in layer order
         for chosen in torch.arange(n_features, device=device).split(batch_size):
-            blocks.extend(rows.feature_rows(chosen))
+            blocks.extend(stored(rows.feature_rows(chosen)))
             bar.update(len(chosen))
         expanded[:] = True
     else:
@@ -192,7 +225,7 @@ def attribute(
                 ranking = torch.argsort(influence, descending=True)[: budget - int(expanded.sum())]
                 since_ranking = 0
             chosen, ranking = ranking[:batch_size], ranking[batch_size:]
-            blocks.extend(rows.feature_rows(chosen))
+            blocks.extend(stored(rows.feature_rows(chosen)))
             expanded[chosen] = True
             since_ranking += len(chosen)
             bar.update(len(chosen))
@@ -200,5 +233,5 @@ def attribute(
     timings["attribution"] = time.perf_counter() - start + timings.pop("setup")
     tokens = [lm.tokenizer.decode([i]) for i in input_ids[0].tolist()]
     return Attribution(prompt, input_ids[0], tokens, position, prepared.clean, replacement, layout, logits, blocks,
-                       expanded, settings, timings, plan)
+                       expanded, settings, timings, plan, rows)
 

@@ -37,7 +37,7 @@ def node_influence(blocks: Sequence[RowBlock], layout: NodeLayout, weights: torc
     own_weight[layout.logit_node.to(weights.device)] = weights
     for block in _sweep_order(blocks):
         nodes = targets[block.rows]
-        magnitude = block.values.abs()
+        magnitude = block.values.abs().float()  # rows may be stored in bfloat16
         total = magnitude.sum(1).clamp_min(1e-30)
         coefficient = (own_weight[nodes] + influence[nodes]) / total
         influence[: block.width] += coefficient @ magnitude
@@ -75,7 +75,7 @@ def graph_scores(blocks: Sequence[RowBlock], layout: NodeLayout, weights: torch.
     numerator = torch.zeros((), device=weights.device)
     denominator = torch.zeros((), device=weights.device)
     for block in blocks:
-        magnitude = block.values.abs()
+        magnitude = block.values.abs().float()  # rows may be stored in bfloat16
         total = magnitude.sum(1).clamp_min(1e-30)
         error_fraction = magnitude[:, is_error[: block.width]].sum(1) / total
         node_weight = output_weight[targets[block.rows]]

@@ -11,6 +11,7 @@ What is counted (bytes; P positions, d = d_model, N active features, S = sources
     batch         one batch of rows in flight: ~6 gradient-sized buffers [B, P, max(d, heads x head_dim)] and
                   the row buffer [B, S], x 4
     pruning       the copies pruning makes of the rows it keeps (kept rows and their edge scores): 2 x adjacency
+    (rows are stored in float32, or in bfloat16 when only that fits: half the adjacency; see exact_edges.py)
     already held  what the process holds now (model, dictionaries' resident copies, the clean run): RssAnon on a
                   CPU, torch.cuda.memory_allocated on a GPU; measured, not estimated
 
@@ -31,6 +32,7 @@ import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 
@@ -39,6 +41,8 @@ from dictionaries.errors import CircuitscopeError
 from .node_layout import NodeLayout
 
 FLOAT = 4  # bytes of a float32
+Storage = Literal["auto", "float32", "bfloat16"]
+STORAGE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 _GRADIENT_BUFFERS = 6  # gradient rows and the attention backward's temporaries alive at once (see linear_backward)
 _PRUNING_COPIES = 2  # rows kept by pruning and their edge scores
 _SAFETY = 0.9  # use at most this share of the memory available
@@ -159,6 +163,7 @@ class TracePlan:
     available: MemoryAvailable
     seconds: float
     budget_hint: int | None  # the largest feature budget that fits, when the plan does not
+    storage: str = "float32"  # the dtype rows are stored in (see circuits.engine.exact_edges)
 
     @property
     def peak_bytes(self) -> int:
@@ -175,7 +180,7 @@ class TracePlan:
             f"prompt          {self.n_positions} tokens, {self.n_layers} layers",
             f"active features {self.n_features:,}",
             f"rows to compute {rows}{budget}, over up to {self.n_sources:,} sources",
-            f"batch size      {self.batch_size}",
+            f"batch size      {self.batch_size}, rows stored in {self.storage}",
             f"memory          peak {format_bytes(self.peak_bytes)} = held {format_bytes(self.held_bytes)} + "
             f"adjacency {format_bytes(self.adjacency_bytes)} + working {format_bytes(self.working_bytes)} + "
             f"max(batch {format_bytes(self.batch_bytes)}, pruning {format_bytes(self.pruning_bytes)})",
@@ -201,12 +206,12 @@ def _row_widths(layout: NodeLayout, feature_layers: torch.Tensor) -> torch.Tenso
     return ends[feature_layers.cpu()] if len(feature_layers) else torch.zeros(0, dtype=torch.long)
 
 
-def _adjacency_bytes(widths: torch.Tensor, n_expanded: int, n_logits: int, n_sources: int) -> int:
+def _adjacency_bytes(widths: torch.Tensor, n_expanded: int, n_logits: int, n_sources: int, element: int) -> int:
     if n_expanded >= len(widths):
         feature_elements = int(widths.sum())
     else:  # which rows a budget picks is unknown until it runs: count the mean row
         feature_elements = int(float(widths.float().mean()) * n_expanded) if len(widths) else 0
-    return (feature_elements + n_logits * n_sources) * FLOAT
+    return (feature_elements + n_logits * n_sources) * element
 
 
 def _row_layers(feature_layers: torch.Tensor, n_expanded: int) -> float:
@@ -229,11 +234,13 @@ def make_plan(
     calibration: Calibration,
     memory_limit: int | None = None,
     extra_working_bytes: int = 0,
+    storage: Storage = "auto",
 ) -> TracePlan:
     """The plan for attributing ``layout``'s features (``feature_layers`` [N] long) and ``n_logits`` logit rows.
 
     ``head_width`` is heads x head_dim; ``budget`` the feature budget (None: every feature); ``max_batch`` the
-    batch size asked for. ``extra_working_bytes`` counts memory the caller will still allocate."""
+    batch size asked for. ``extra_working_bytes`` counts memory the caller will still allocate. ``storage``: the
+    dtype of the stored rows; "auto" stores float32 when it fits and bfloat16 when only that fits."""
     n_features = len(feature_layers)
     n_expanded = n_features if budget is None else min(budget, n_features)
     P = int(layout.token_node.shape[0])
@@ -245,27 +252,30 @@ def make_plan(
     working = (n_features + (n_features + n_errors) * 2) * d_model * FLOAT + extra_working_bytes
     per_row = (_GRADIENT_BUFFERS * P * max(d_model, head_width) + n_sources) * FLOAT
 
-    def estimate(expanded: int) -> tuple[int, int, int]:
-        adjacency = _adjacency_bytes(widths, expanded, n_logits, n_sources)
+    def estimate(expanded: int, element: int) -> tuple[int, int, int]:
+        adjacency = _adjacency_bytes(widths, expanded, n_logits, n_sources, element)
         room = available.bytes - working - adjacency
         batch = max(1, min(max_batch, room // per_row if room > 0 else 1))
         return adjacency, int(batch), adjacency * _PRUNING_COPIES
 
-    adjacency, batch, pruning = estimate(n_expanded)
+    def fits(expanded: int, element: int) -> bool:
+        adjacency, batch, pruning = estimate(expanded, element)
+        return working + adjacency + max(batch * per_row, pruning) <= available.bytes
+
+    if storage == "auto":
+        storage = "float32" if fits(n_expanded, FLOAT) else "bfloat16"
+    element = STORAGE_DTYPES[storage].itemsize
+    adjacency, batch, pruning = estimate(n_expanded, element)
     seconds = (_row_layers(feature_layers, n_expanded) * calibration.seconds_per_row_layer
-               + adjacency / FLOAT * _SWEEP_PASSES * calibration.seconds_per_element)
+               + adjacency / element * _SWEEP_PASSES * calibration.seconds_per_element)
     plan = TracePlan(P, len(layout.layer_end), n_features, n_expanded, n_logits, n_sources, batch, adjacency,
-                     working, batch * per_row, pruning, held, available, seconds, None)
+                     working, batch * per_row, pruning, held, available, seconds, None, storage)
     if plan.fits:
         return plan
     low, high = 0, n_expanded  # the largest budget that fits
     while low < high:
         mid = (low + high + 1) // 2
-        adjacency, batch, pruning = estimate(mid)
-        if working + adjacency + max(batch * per_row, pruning) <= available.bytes:
-            low = mid
-        else:
-            high = mid - 1
+        low, high = (mid, high) if fits(mid, element) else (low, mid - 1)
     return TracePlan(**{**plan.__dict__, "budget_hint": low or None})
 
 

@@ -51,7 +51,7 @@ def fold_remainders(blocks: list[RowBlock], layout: NodeLayout, features_layer: 
         for block in blocks:
             inside = nodes[nodes < block.width].to(block.values.device)
             if len(inside) > 1:
-                block.values[:, inside[0]] = block.values[:, inside].sum(1)
+                block.values[:, inside[0]] = block.values[:, inside].float().sum(1).to(block.values.dtype)
                 block.values[:, inside[1:]] = 0.0
     return groups
 
@@ -110,7 +110,7 @@ def prune(blocks: list[RowBlock], layout: NodeLayout, weights: torch.Tensor, nod
     own[layout.logit_node.to(device)] = weights
     def scores():  # each edge's score, one block at a time (never all of them at once)
         for block in pruned:
-            magnitude = block.values.abs()
+            magnitude = block.values.abs().float()  # rows may be stored in bfloat16
             coefficient = (own + pruned_influence)[targets[block.rows]] / magnitude.sum(1).clamp_min(1e-30)
             yield magnitude * coefficient[:, None]
 
