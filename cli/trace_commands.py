@@ -43,6 +43,9 @@ from .options import (
 @click.option("--memory-limit", default=None, metavar="SIZE",
               help="Memory the whole trace may use, e.g. 8GB (default: what is free). A trace that would not fit "
                    "is refused before any work, with its estimate and the flag that fixes it.")
+@click.option("--adjacency", type=click.Choice(["auto", "float32", "bfloat16"]), default=trace_default("adjacency"),
+              show_default=True, help="How rows are stored: auto keeps float32 when it fits, else bfloat16 (the "
+                                       "graph's edges are recomputed exactly either way).")
 @click.option("--plan", "plan_only", is_flag=True,
               help="Print the plan (active features, rows, estimated peak memory and time, batch size) and stop.")
 @click.option("--node-threshold", default=trace_default("node_threshold"), show_default=True,
@@ -57,8 +60,8 @@ from .options import (
 @click.option("--html", "html_path", default=None, help="Write the interactive HTML page here instead.")
 @click.option("--neuronpedia", "np_path", default=None, help="Also export JSON for the Neuronpedia graph frontend.")
 def trace_command(prompt, model, dictionaries_path, selectors, out_dir, output, no_drawings, no_labels, max_logits,
-                  logit_prob, targets, logit_diff, position, max_features, batch_size, memory_limit, plan_only,
-                  node_threshold, edge_threshold, dtype, device, chat, keep_unpruned, svg_path, html_path,
+                  logit_prob, targets, logit_diff, position, max_features, batch_size, memory_limit, adjacency,
+                  plan_only, node_threshold, edge_threshold, dtype, device, chat, keep_unpruned, svg_path, html_path,
                   np_path) -> None:
     """Trace PROMPT: write its attribution graph as graph.json, graph.svg and graph.html.
 
@@ -80,7 +83,7 @@ def trace_command(prompt, model, dictionaries_path, selectors, out_dir, output, 
             max_logits=max_logits, logit_prob=logit_prob, targets=list(targets) or None, logit_diff=logit_diff,
             position=position, max_features=max_features, batch_size=batch_size, node_threshold=node_threshold,
             edge_threshold=edge_threshold, dtype=dtype, chat=chat, keep_unpruned=keep_unpruned,
-            memory_limit=None if memory_limit is None else parse_bytes(memory_limit),
+            memory_limit=None if memory_limit is None else parse_bytes(memory_limit), adjacency=adjacency,
         )
     except ValidationError as exc:
         first = exc.errors()[0]

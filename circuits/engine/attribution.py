@@ -35,7 +35,7 @@ from .plan import (
     make_plan,
     measure_bandwidth,
 )
-from .replacement import Replacement, build_replacement
+from .replacement import ActiveFeatures, Replacement, build_replacement
 from .targets import LogitTargets, select_logit_targets
 
 
@@ -82,6 +82,24 @@ class Attribution:
         return blocks
 
 
+class EncoderVectors:
+    """``vectors[ids]`` -> [k, d] float32: the encoder direction W_enc[:, i] of active features ``ids``, read from
+    the dictionaries when asked (only the rows being computed), not kept for every active feature."""
+
+    def __init__(self, dicts: DictionarySet, features: ActiveFeatures, device: torch.device):
+        self.dicts, self.features, self.device = dicts, features, device
+
+    def __getitem__(self, ids: torch.Tensor) -> torch.Tensor:
+        out = torch.empty(len(ids), self.dicts.d_model, device=self.device)
+        layers = self.features.layer[ids]
+        for layer in layers.unique().tolist():
+            here = (layers == layer).nonzero().flatten()
+            weight = self.dicts.encoder_weight(layer)
+            columns = self.features.index[ids[here]].to(weight.device)
+            out[here] = weight[:, columns].T.float().to(self.device)
+        return out
+
+
 @dataclass
 class _Prepared:
     """A prompt run forward and encoded, ready for its rows: everything before the plan."""
@@ -123,12 +141,7 @@ def _prepare(lm: LoadedModel, dicts: DictionarySet, prompt: str, settings: Trace
 
     start = time.perf_counter()
     backward = FrozenLinearBackward(lm, clean, dicts, constant, device)
-    encoders = torch.zeros(len(features), lm.d_model, device=device)
-    for layer in range(lm.n_layers):
-        ids = (features.layer == layer).nonzero().flatten()
-        if len(ids):
-            weight = dicts.encoder_weight(layer)
-            encoders[ids] = weight[:, features.index[ids].to(weight.device)].T.float().to(device)
+    encoders = EncoderVectors(dicts, features, device)
     rows = EdgeRowComputer(backward, layout, replacement, clean.embeddings.to(device), encoders)
     timings["setup"] = time.perf_counter() - start
     return _Prepared(input_ids, position, clean, replacement, layout, logits, rows, timings)
