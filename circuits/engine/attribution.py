@@ -148,6 +148,7 @@ def _prepare(lm: LoadedModel, dicts: DictionarySet, prompt: str, settings: Trace
 
 
 _BANDWIDTH: dict[str, float] = {}
+_PROBE_ROWS = 16  # rows in the plan's timed probe
 
 
 def _calibrate(prepared: _Prepared, batch: int, device: torch.device) -> Calibration:
@@ -158,12 +159,15 @@ def _calibrate(prepared: _Prepared, batch: int, device: torch.device) -> Calibra
     if len(features) == 0:
         return Calibration(0.0, _BANDWIDTH[str(device)])
     top = int(features.layer.max())
-    probe = (features.layer == top).nonzero().flatten()[:batch]
+    candidates = (features.layer == top).nonzero().flatten()  # sorted by position: spread over all of them
+    probe = candidates[torch.linspace(0, len(candidates) - 1, min(batch, len(candidates))).round().long().unique()]
+    span = int(features.position[probe].max()) + 1  # the positions the probe's gradient rows cover
     start = time.perf_counter()
     prepared.rows.feature_rows(probe)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    return Calibration((time.perf_counter() - start) / (len(probe) * (top + 1)), _BANDWIDTH[str(device)])
+    seconds = (time.perf_counter() - start) / (len(probe) * (top + 1) * span)
+    return Calibration(seconds, _BANDWIDTH[str(device)])
 
 
 def _plan(lm: LoadedModel, prepared: _Prepared, settings: TraceSettings) -> TracePlan:
@@ -171,12 +175,21 @@ def _plan(lm: LoadedModel, prepared: _Prepared, settings: TraceSettings) -> Trac
     device = lm.device
     features = prepared.replacement.features
     n_heads, _, head_dim = lm.architecture.heads(lm.config)
-    calibration = _calibrate(prepared, settings.batch_size, device)
-    plan = make_plan(prepared.layout, features.layer, len(prepared.logits.labels), lm.d_model, n_heads * head_dim,
-                     settings.batch_size, settings.max_features, device, calibration, settings.memory_limit,
-                     storage=settings.adjacency)
+    calibration = _calibrate(prepared, min(settings.batch_size, _PROBE_ROWS), device)
+    plan = make_plan(prepared.layout, features.layer, features.position, len(prepared.logits.labels), lm.d_model,
+                     n_heads * head_dim, settings.batch_size, settings.max_features, device, calibration,
+                     settings.memory_limit, storage=settings.adjacency)
     prepared.timings["plan"] = time.perf_counter() - start
     return plan
+
+
+def _window(available: int, done: int, batch_size: int) -> int:
+    """How many ranked features are expanded before the next ranking: batches are added until the rows since the
+    ranking reach a batch or a quarter of all expanded rows."""
+    taken = 0
+    while taken < available and (taken == 0 or taken < max(batch_size, (done + taken) // 4)):
+        taken = min(taken + batch_size, available)
+    return taken
 
 
 def plan_attribution(
@@ -227,21 +240,23 @@ def attribute(
             bar.update(len(chosen))
         expanded[:] = True
     else:
-        ranking = torch.zeros(0, dtype=torch.long, device=device)
-        since_ranking = 0
-        while int(expanded.sum()) < budget:
-            # Re-rank by current influence on the logits whenever the rows added since the last ranking
-            # reach a batch or a quarter of all expanded rows: O(log budget) sweeps instead of one per batch.
-            if len(ranking) == 0 or since_ranking >= max(batch_size, int(expanded.sum()) // 4):
-                influence = node_influence(blocks, layout, logits.weights.to(device))[layout.feature_node.to(device)]
-                influence[expanded] = -1.0
-                ranking = torch.argsort(influence, descending=True)[: budget - int(expanded.sum())]
-                since_ranking = 0
-            chosen, ranking = ranking[:batch_size], ranking[batch_size:]
-            blocks.extend(stored(rows.feature_rows(chosen)))
-            expanded[chosen] = True
-            since_ranking += len(chosen)
-            bar.update(len(chosen))
+        done = 0
+        while done < budget:
+            # Re-rank by current influence on the logits whenever the rows added since the last ranking reach a
+            # batch or a quarter of all expanded rows: O(log budget) sweeps instead of one per batch.
+            influence = node_influence(blocks, layout, logits.weights.to(device))[layout.feature_node.to(device)]
+            influence[expanded] = -1.0
+            ranking = torch.argsort(influence, descending=True)[: budget - done]
+            window = _window(len(ranking), done, batch_size)
+            # the window is expanded before the next ranking whatever its order: batches of nearby positions
+            # carry shorter gradient rows (a batch spans positions up to its latest target)
+            chosen_window = ranking[:window]
+            chosen_window = chosen_window[torch.argsort(features.position[chosen_window], stable=True)]
+            for chosen in chosen_window.split(batch_size):
+                blocks.extend(stored(rows.feature_rows(chosen)))
+                bar.update(len(chosen))
+            expanded[chosen_window] = True
+            done += window
     bar.close()
     timings["attribution"] = time.perf_counter() - start + timings.pop("setup")
     tokens = [lm.tokenizer.decode([i]) for i in input_ids[0].tolist()]

@@ -21,8 +21,9 @@ The memory this trace may use is the smallest of: the memory available now (MemA
 memory), the cgroup limit, and ``TraceSettings.memory_limit``. The batch size shrinks (down to 1) when a batch would
 not fit; a trace whose peak would not fit is refused with the estimate and the flags that would fix it.
 
-Time is estimated from a probe: one batch of rows of the top layer's features is computed and timed (its cost per
-row and layer), and the cost of a row is taken as proportional to the number of layers it passes through. Ranking
+Time is estimated from a probe: one batch of rows of the top layer's features, spread over the prompt, is computed
+and timed; the cost of a row is taken as proportional to the layers it passes through times the positions its
+batch spans. Ranking
 sweeps of a budgeted run and pruning are estimated as passes over the adjacency at a measured memory bandwidth.
 """
 
@@ -126,10 +127,10 @@ def memory_available(device: torch.device, limit: int | None = None) -> MemoryAv
 
 @dataclass(frozen=True)
 class Calibration:
-    """Measured speeds of this machine: seconds per (row x layer) of attribution at the probe's batch size, and
-    seconds per adjacency element of a pass over the rows (abs, sum, multiply)."""
+    """Measured speeds of this machine: seconds per (row x layer x position its batch spans) of attribution at the
+    probe's batch size, and seconds per adjacency element of a pass over the rows (abs, sum, multiply)."""
 
-    seconds_per_row_layer: float
+    seconds_per_row_layer_position: float
     seconds_per_element: float
 
 
@@ -214,17 +215,25 @@ def _adjacency_bytes(widths: torch.Tensor, n_expanded: int, n_logits: int, n_sou
     return (feature_elements + n_logits * n_sources) * element
 
 
-def _row_layers(feature_layers: torch.Tensor, n_expanded: int) -> float:
-    """Layers that the computed rows pass through in all (a row of layer l passes through l + 1 layers)."""
-    depth = (feature_layers.cpu().float() + 1)
+def _row_work(feature_layers: torch.Tensor, feature_positions: torch.Tensor, n_expanded: int, batch: int) -> float:
+    """Sum over the computed rows of (layers passed) x (positions spanned): a row of layer l passes l + 1 layers,
+    and a batch's gradient rows span the positions up to its latest target. Without a budget the batches are
+    known (features in order); a budget's are not, and each is taken to span every position."""
+    depth = feature_layers.cpu().float() + 1
     if len(depth) == 0:
         return 0.0
-    return float(depth.sum()) if n_expanded >= len(depth) else float(depth.mean()) * n_expanded
+    positions = feature_positions.cpu()
+    if n_expanded < len(depth):
+        return float(depth.mean()) * n_expanded * (int(positions.max()) + 1)
+    which = torch.arange(len(depth)) // batch
+    span = torch.zeros(int(which[-1]) + 1, dtype=torch.long).scatter_reduce(0, which, positions + 1, "amax")
+    return float((depth * span[which]).sum())
 
 
 def make_plan(
     layout: NodeLayout,
     feature_layers: torch.Tensor,
+    feature_positions: torch.Tensor,
     n_logits: int,
     d_model: int,
     head_width: int,
@@ -236,7 +245,8 @@ def make_plan(
     extra_working_bytes: int = 0,
     storage: Storage = "auto",
 ) -> TracePlan:
-    """The plan for attributing ``layout``'s features (``feature_layers`` [N] long) and ``n_logits`` logit rows.
+    """The plan for attributing ``layout``'s features (``feature_layers``, ``feature_positions`` [N] long) and
+    ``n_logits`` logit rows.
 
     ``head_width`` is heads x head_dim; ``budget`` the feature budget (None: every feature); ``max_batch`` the
     batch size asked for. ``extra_working_bytes`` counts memory the caller will still allocate. ``storage``: the
@@ -266,7 +276,8 @@ def make_plan(
         storage = "float32" if fits(n_expanded, FLOAT) else "bfloat16"
     element = STORAGE_DTYPES[storage].itemsize
     adjacency, batch, pruning = estimate(n_expanded, element)
-    seconds = (_row_layers(feature_layers, n_expanded) * calibration.seconds_per_row_layer
+    work = _row_work(feature_layers, feature_positions, n_expanded, batch)
+    seconds = (work * calibration.seconds_per_row_layer_position
                + adjacency / element * _SWEEP_PASSES * calibration.seconds_per_element)
     plan = TracePlan(P, len(layout.layer_end), n_features, n_expanded, n_logits, n_sources, batch, adjacency,
                      working, batch * per_row, pruning, held, available, seconds, None, storage)
