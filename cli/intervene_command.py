@@ -81,6 +81,8 @@ def intervene_command(prompt, model, dictionaries_path, selectors, ablations, as
     loaded = load_model_and_dictionaries(model, dictionaries_path, dtype, device, selectors)
     lm, dicts = loaded.lm, loaded.dicts
     result = intervene(lm, dicts, prompt, interventions, settings, chat=chat, position=position, top_k=top)
+    for warning in result.inactive():
+        click.echo(f"warning: {warning}", err=True)
     generations = None
     if n_generate:
         generations = {"clean": generate(lm, dicts, prompt, (), settings, generation, chat=chat),
@@ -112,6 +114,7 @@ def _intervention_json(result, generations) -> dict:
         "interventions": [iv.model_dump() for iv in result.interventions],
         "settings": result.settings.model_dump(),
         "features": _feature_rows(result),
+        "warnings": result.inactive(),
         "logits": [dataclasses.asdict(row) for row in result.top_changes],
         "generation": None if generations is None else {k: dataclasses.asdict(g) for k, g in generations.items()},
     }

@@ -31,8 +31,9 @@ def load_model_and_dictionaries(model: str, dictionaries: str | None, dtype: str
     its float32 copy would."""
     from dictionaries.formats.registry import load_dictionaries
     from dictionaries.hub import resolve_dictionary_path
-    from dictionaries.models.loading import load_model
+    from dictionaries.models.loading import check_model_reference, load_model
 
+    check_model_reference(model)  # a model path that does not exist is named as such, before anything else
     if dictionaries is None:
         from dictionaries.bundled import default_dictionaries_path
 

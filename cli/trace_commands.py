@@ -94,14 +94,20 @@ def trace_command(prompt, model, dictionaries_path, selectors, out_dir, output, 
         loaded = load_model_and_dictionaries(model, dictionaries_path, dtype, device, selectors)
         click.echo(plan_attribution(loaded.lm, loaded.dicts, prompt, settings).describe())
         return
-    output, svg_path, html_path = _output_paths(Path(out_dir), output, svg_path, html_path, no_drawings)
+    output, svg_path, html_path = _output_paths(Path(out_dir), output, svg_path, html_path, no_drawings, np_path)
     loaded = load_model_and_dictionaries(model, dictionaries_path, dtype, device, selectors)
     lm, dicts = loaded.lm, loaded.dicts
     labels = None if no_labels else FeatureLabels.load(loaded.local)  # DICT/labels/ when `features annotate` made them
+    loading = time.perf_counter() - start
     graph = trace(lm, dicts, prompt, settings, progress=True, dictionaries_source=loaded.source, labels=labels)
+    traced = time.perf_counter()
     graph.save(output)
     _write_exports(graph, svg_path=svg_path, html_path=html_path, np_path=np_path)
     meta = graph.metadata
+    phases = {"loading": loading, **{name: meta.timings.get(name, 0.0) for name in ("forward", "plan", "attribution")},
+              "pruning": meta.timings.get("prune", 0.0),
+              "building the graph": traced - start - loading - meta.timings.get("total", 0.0),
+              "writing files": time.perf_counter() - traced}
     click.echo(f"prompt     {meta.tokens}")
     click.echo(f"graph      {graph.graph.number_of_nodes()} nodes, {graph.graph.number_of_edges()} edges "
                f"({meta.n_active_features} active features, {meta.n_expanded_features} expanded) -> {output}")
@@ -110,16 +116,18 @@ def trace_command(prompt, model, dictionaries_path, selectors, out_dir, output, 
     logits = sorted(graph.logit_nodes, key=lambda n: -(graph.graph.nodes[n]["probability"] or 0))
     shown = ", ".join(f"{graph.graph.nodes[n]['token']!r} {graph.graph.nodes[n]['probability']:.3f}" for n in logits)
     click.echo(f"logits     {shown}")
-    click.echo(f"time       {time.perf_counter() - start:.1f} s (attribution {meta.timings.get('total', 0):.1f} s)")
+    click.echo(f"time       {time.perf_counter() - start:.1f} s: "
+               + ", ".join(f"{name} {seconds:.1f} s" for name, seconds in phases.items()))
     if meta.plan is not None:
         click.echo(f"plan       estimated peak {format_bytes(meta.plan.peak_bytes)}, "
                    f"{meta.plan.seconds:.1f} s, batch size {meta.plan.batch_size}")
 
 
 def _output_paths(out_dir: Path, output: str | None, svg_path: str | None, html_path: str | None,
-                  no_drawings: bool) -> tuple[str, str | None, str | None]:
+                  no_drawings: bool, np_path: str | None = None) -> tuple[str, str | None, str | None]:
     """Where the JSON, SVG and HTML go. Drawings asked for by name must be possible (graphviz is checked now,
     before the long work); the default SVG is left out with a note when graphviz is not installed."""
+    from dictionaries.atomic_output import check_writable
     from viz.svg import require_graphviz
 
     json_path = Path(output) if output else out_dir / "graph.json"
@@ -134,7 +142,9 @@ def _output_paths(out_dir: Path, output: str | None, svg_path: str | None, html_
             click.echo(f"note: no SVG ({missing})", err=True)
     if not html_path and not no_drawings:
         html_path = str(stem.with_name(stem.name + ".html"))
-    json_path.parent.mkdir(parents=True, exist_ok=True)
+    for path in (json_path, svg_path, html_path, np_path):  # before the long work, not after it
+        if path is not None and check_writable(path):
+            click.echo(f"note: created the folder {Path(path).parent}", err=True)
     return str(json_path), svg_path, html_path
 
 

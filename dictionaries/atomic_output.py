@@ -72,3 +72,28 @@ def write_text_atomic(path: str | Path, text: str) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def check_writable(path: str | Path) -> bool:
+    """Check, before any long work, that a file can be written at ``path``: its folder is created if missing
+    (returns True when it was) and must accept a new file, and ``path`` must not be a directory. Raises
+    CircuitscopeError with one clear sentence otherwise."""
+    path = Path(path)
+    if path.is_dir():
+        raise CircuitscopeError(f"{path} is a directory; name a file to write")
+    folder = path.parent
+    created = False
+    if not folder.is_dir():
+        if folder.exists():
+            raise CircuitscopeError(f"cannot write {path}: {folder} is not a directory")
+        try:
+            folder.mkdir(parents=True)
+            created = True
+        except OSError as exc:
+            raise CircuitscopeError(f"cannot create the folder {folder} for {path.name}: {exc.strerror}") from None
+    try:
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=f".{path.name}.", suffix=".check"):
+            pass
+    except OSError as exc:
+        raise CircuitscopeError(f"cannot write {path}: {folder} is not writable ({exc.strerror})") from None
+    return created

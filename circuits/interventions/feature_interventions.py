@@ -287,6 +287,27 @@ class InterventionResult:
         """One feature's activation in the intervened run (or the clean one); 0 when it is inactive."""
         return activation_at(self.clean_features if clean else self.features, layer, feature, position)
 
+    def inactive(self, top: int = 5) -> list[str]:
+        """A warning for each ablation or scaling of a feature that is active at none of its positions in the clean
+        run (it changes nothing), naming the ``top`` strongest active features of that layer at its first position.
+        Setting an inactive feature is a real change and gets no warning."""
+        warnings = []
+        for iv in self.interventions:
+            positions = self.positions(iv)
+            setting = iv.mode == "set" and iv.value != 0.0  # an ablation is a set to 0
+            if setting or any(self.activation(iv.layer, iv.feature, p, clean=True) for p in positions):
+                continue
+            where = f"position {positions[0]}" if len(positions) == 1 else "any position"
+            f = self.clean_features
+            here = (f.layer == iv.layer) & (f.position == positions[-1])
+            strongest = f.activation[here].argsort(descending=True)[:top]
+            active = ", ".join(f"{iv.layer}:{int(f.index[here][k])} ({float(f.activation[here][k]):.3g})"
+                               for k in strongest.tolist()) or "none"
+            warnings.append(f"{iv.describe()} changes nothing: feature {iv.layer}:{iv.feature} is not active at "
+                            f"{where}. Active in layer {iv.layer} at position {positions[-1]} "
+                            f"({self.tokens[positions[-1]]!r}): {active}")
+        return warnings
+
 
 def activation_at(features: ActiveFeatures, layer: int, feature: int, position: int) -> float:
     hit = (features.layer == layer) & (features.index == feature) & (features.position == position)

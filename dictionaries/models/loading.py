@@ -207,30 +207,49 @@ def model_dimensions(name_or_path: str | os.PathLike) -> tuple[int, int]:
     return int(text.num_hidden_layers), int(text.hidden_size)
 
 
-def _resolve(name_or_path: str) -> tuple[str, ModelEntry | None, str, bool]:
-    """(source for from_pretrained, registry entry, display name, source is a hub id)."""
-    name_or_path = os.fspath(name_or_path)
+def check_model_reference(name_or_path: str | os.PathLike) -> None:
+    """Raise ModelLoadError, before any work, for a model that names neither a checkpoint directory, a known model
+    nor a hub id (a path that does not exist, a directory without config.json)."""
+    _classify(os.fspath(name_or_path))
+
+
+def _classify(name_or_path: str) -> tuple[str, ModelEntry | None]:
+    """("local" | "known" | "hub", registry entry) for a model reference, or ModelLoadError; touches nothing."""
     path = Path(name_or_path).expanduser()
     if path.is_dir() and (path / "config.json").is_file():  # a local checkpoint wins over names
-        return str(path), None, str(path), False
+        return "local", None
     entry = lookup(name_or_path)
     if entry is not None:
-        if entry.name == DEFAULT_MODEL and name_or_path != entry.hub_id:
-            # The short name means the bundled GGUF; an explicit hub id means the hub's own weights.
-            return str(ensure_default_checkpoint()), entry, entry.name, False
-        return entry.hub_id, entry, entry.name, True
+        return "known", entry
     if path.exists():
         raise ModelLoadError(
             f"{path} is not a Hugging Face checkpoint directory (it needs a config.json next to the "
             "weights). Pass the checkpoint's directory, a hub id, or one of: " + ", ".join(known_names())
         )
-    if _HUB_ID.match(name_or_path) and not name_or_path.startswith("."):
-        return name_or_path, None, name_or_path, True
+    if _HUB_ID.match(name_or_path) and not name_or_path.startswith((".", "/", "~")):
+        return "hub", None
+    if name_or_path.startswith((".", "/", "~")) or "/" in name_or_path or os.sep in name_or_path:  # a path
+        raise ModelLoadError(f"the model path {path} does not exist; pass a checkpoint directory, a hub id, or one "
+                             "of: " + ", ".join(known_names()))
     raise ModelLoadError(
         f"Unknown model {name_or_path!r}: not a known name and no directory exists at {path}. "
         "Pass one of " + ", ".join(known_names())
         + ", a local checkpoint directory, or a hub id like google/gemma-3-1b-pt."
     )
+
+
+def _resolve(name_or_path: str) -> tuple[str, ModelEntry | None, str, bool]:
+    """(source for from_pretrained, registry entry, display name, source is a hub id)."""
+    name_or_path = os.fspath(name_or_path)
+    kind, entry = _classify(name_or_path)
+    if kind == "local":
+        return str(Path(name_or_path).expanduser()), None, str(Path(name_or_path).expanduser()), False
+    if entry is not None:
+        if entry.name == DEFAULT_MODEL and name_or_path != entry.hub_id:
+            # The short name means the bundled GGUF; an explicit hub id means the hub's own weights.
+            return str(ensure_default_checkpoint()), entry, entry.name, False
+        return entry.hub_id, entry, entry.name, True
+    return name_or_path, None, name_or_path, True
 
 
 def _load_hf(source: str, name: str, from_hub: bool, load_kwargs: dict):
