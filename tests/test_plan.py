@@ -4,6 +4,8 @@ the plan and writes nothing."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from click.testing import CliRunner
@@ -15,6 +17,7 @@ from circuits.engine import plan as plan_module
 from circuits.engine.attribution import attribute, plan_attribution
 from circuits.engine.edge_rows import EdgeRowComputer
 from circuits.engine.plan import MemoryAvailable, TraceDoesNotFit, format_bytes, parse_bytes
+from circuits.graph.attribution_graph import AttributionGraph
 from circuits.settings import TraceSettings
 from cli import main
 from dictionaries.formats.native import save_native
@@ -163,3 +166,35 @@ def test_bfloat16_rows_give_the_same_graph_with_exact_edges(tiny_lm, dicts, budg
     for node, data in exact.graph.nodes(data=True):  # influence from rounded rows: within the documented bound
         assert rounded.graph.nodes[node]["influence"] == pytest.approx(data["influence"], rel=0.02, abs=1e-6)
     assert rounded.metadata.scores.replacement == pytest.approx(exact.metadata.scores.replacement, rel=0.02)
+
+
+def test_two_runs_of_a_trace_differ_only_in_their_run_section(tiny_lm, dicts, tmp_path):
+    from circuits.tracing import trace
+
+    texts, hashes = [], []
+    for name in ("a", "b"):
+        graph = trace(tiny_lm, dicts, PROMPT, TraceSettings(max_features=6))
+        path = graph.save(tmp_path / f"{name}.json")
+        raw = json.loads(path.read_text())
+        assert raw["run"]["timings"]["total"] > 0 and raw["run"]["plan"]["batch_size"] == 64
+        assert raw["metadata"]["timings"] == {} and raw["metadata"]["plan"] is None
+        text = path.read_text()
+        texts.append(text[: text.index(',"run":')])  # the run section is written last
+        hashes.append(raw["content_hash"])
+        loaded = AttributionGraph.load(path)
+        assert loaded.metadata.timings == graph.metadata.timings  # the API still shows them in the metadata
+        assert loaded.content_hash == raw["content_hash"]
+    assert texts[0] == texts[1] and hashes[0] == hashes[1]
+    assert len(hashes[0]) == 64
+
+
+def test_a_schema_3_file_with_timings_in_its_metadata_still_loads(tiny_lm, dicts, tmp_path):
+    from circuits.tracing import trace
+
+    raw = json.loads(trace(tiny_lm, dicts, PROMPT, TraceSettings(max_features=6)).to_json())
+    raw["schema_version"] = 3
+    raw["metadata"]["timings"] = raw.pop("run")["timings"]
+    del raw["content_hash"]
+    (tmp_path / "old.json").write_text(json.dumps(raw))
+    old = AttributionGraph.load(tmp_path / "old.json")
+    assert old.metadata.timings["total"] > 0 and old.metadata.plan is None

@@ -16,12 +16,14 @@ Schema history: 1, the pruned graph; 2 (a superset: version 1 files still load) 
 with ``children`` and the optional ``unpruned`` section (:class:`UnprunedSection`); 3 (a superset of 2)
 adds ``metadata.feature_info``: per feature key, what the dictionaries' labels say about the feature
 (:class:`FeatureInfo`: its label, activation frequency, top contexts, promoted and suppressed tokens), so
-that a graph renders its features' contexts without the dictionaries; 4 (a superset of 3) adds ``metadata.plan``,
-the trace's estimate of its memory and time (:class:`PlanEstimate`).
+that a graph renders its features' contexts without the dictionaries; 4 (a superset of 3) writes the run's timings
+and the plan's estimate of its memory and time (:class:`PlanEstimate`) in a ``run`` section of their own and
+records ``content_hash``, the sha256 of the rest, so two runs of the same trace have the same content and hash.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -165,6 +167,16 @@ class UnprunedSection(BaseModel):
         return self
 
 
+class RunSection(BaseModel):
+    """What differs between two runs of the same trace (timings, the plan's estimate): written apart from the
+    graph's content and left out of its ``content_hash``, so that the same trace gives the same content bytes."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    timings: dict[str, float] = {}
+    plan: PlanEstimate | None = None
+
+
 class GraphFile(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -174,6 +186,8 @@ class GraphFile(BaseModel):
     nodes: list[NodeData]
     edges: list[EdgeData]
     unpruned: UnprunedSection | None = None
+    content_hash: str | None = None  # sha256 of the file without this field and ``run`` (schema 4)
+    run: RunSection | None = None  # how this run went: not part of the graph's content (schema 4)
 
     @model_validator(mode="after")
     def _edges_join_nodes(self) -> GraphFile:
@@ -206,12 +220,22 @@ class AttributionGraph:
         return self.nodes_of_kind("logit")
 
     def to_file(self) -> GraphFile:
+        """The file's content: the run's timings and plan go to ``run``, and ``content_hash`` covers the rest."""
         nodes = [NodeData(id=n, **data) for n, data in self.graph.nodes(data=True)]
         edges = [EdgeData(source=s, target=t, weight=d["weight"]) for s, t, d in self.graph.edges(data=True)]
-        return GraphFile(metadata=self.metadata, nodes=nodes, edges=edges, unpruned=self.unpruned)
+        content = self.metadata.model_copy(update={"timings": {}, "plan": None})
+        data = GraphFile(metadata=content, nodes=nodes, edges=edges, unpruned=self.unpruned)
+        digest = hashlib.sha256(data.model_dump_json().encode()).hexdigest()
+        return data.model_copy(update={"content_hash": digest,
+                                       "run": RunSection(timings=self.metadata.timings, plan=self.metadata.plan)})
 
     def to_json(self) -> str:
         return self.to_file().model_dump_json()
+
+    @property
+    def content_hash(self) -> str:
+        """sha256 of the graph's content (everything but the run's timings and plan): equal for equal traces."""
+        return self.to_file().content_hash or ""
 
     def save(self, path: str | Path) -> Path:
         """Write the graph as JSON (atomically)."""
@@ -220,6 +244,9 @@ class AttributionGraph:
 
     @classmethod
     def from_file(cls, data: GraphFile) -> AttributionGraph:
+        if data.run is not None:  # schema 4 keeps the run apart; the API shows it in the metadata as before
+            data = data.model_copy(update={"metadata": data.metadata.model_copy(
+                update={"timings": data.run.timings, "plan": data.run.plan})})
         graph = nx.DiGraph()
         for node in data.nodes:
             fields = node.model_dump()
