@@ -43,13 +43,14 @@ PROMPTS = {
 CASES = {"6": ("6", None), "33": ("33", None), "33-budget": ("33", 7500), "128-budget": ("128", 7500)}
 
 
-def calibrated_transcoders(lm, width: int = WIDTH, active: int = ACTIVE_PER_TOKEN, seed: int = 0):
-    """Random per-layer JumpReLU transcoders whose thresholds leave ``active`` features on per token."""
+def calibrated_transcoders(lm, width: int = WIDTH, active: int = ACTIVE_PER_TOKEN, seed: int = 0, skip: bool = False):
+    """Random per-layer JumpReLU transcoders (``skip``: skip transcoders) whose thresholds leave ``active``
+    features on per token."""
 
     from dictionaries.assembly import random_dictionary_set
     from dictionaries.models.hook_sites import record_mlp_io
 
-    dicts = random_dictionary_set(lm.n_layers, lm.d_model, width, seed=seed, model=lm.name)
+    dicts = random_dictionary_set(lm.n_layers, lm.d_model, width, skip=skip, seed=seed, model=lm.name)
     ids = lm.tokenize(PROMPTS["128"])
     inputs = record_mlp_io(lm, ids, with_logits=False).inputs[:, 0, 1:]  # BOS left out
     for layer in range(lm.n_layers):

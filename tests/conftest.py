@@ -5,6 +5,9 @@ d_model 32, GQA (4 query heads, 2 kv heads, head_dim 8), q/k norms and random (n
 The multimodal model wraps the same kind of text stack in ``Gemma3ForConditionalGeneration`` with a
 one-layer SigLIP tower, like the 4B+ checkpoints.
 
+``sized_overrides(size, **shrink)`` gives the overrides for a random model with a registry size's structure
+(layer count, heads, widths, attention pattern; vocabulary shrunk to the tiny tokenizer's).
+
 Fixtures: ``tiny_lm`` / ``tiny_mm_lm`` (session-scoped LoadedModels), ``tiny_checkpoint_dir``, and
 ``make_tiny_lm`` (a factory: ``make_tiny_lm(multimodal=False, seed=0, name=None, **text_config_overrides)``).
 The module-level helpers below can also be imported (``from conftest import make_tiny_checkpoint``).
@@ -62,6 +65,17 @@ def tiny_text_config(**overrides):
     return Gemma3TextConfig(**settings)
 
 
+def sized_overrides(size, **shrink) -> dict:
+    """``make_tiny_model`` overrides for a random model with the structure of registry size ``size`` (a
+    ``ModelSize``): its published config values with the tiny tokenizer's vocabulary, then ``shrink`` (e.g.
+    ``hidden_size=64``); ``layer_types`` follows ``num_hidden_layers`` with the size's own attention pattern.
+    Pass ``multimodal=size.multimodal`` to ``make_tiny_model`` for the size's transformers class."""
+    values = {**size.text_config_values(), "vocab_size": TINY_VOCAB, **shrink}
+    if "layer_types" not in shrink:
+        values["layer_types"] = size.layer_types(values["num_hidden_layers"])
+    return values
+
+
 def _randomise(model: torch.nn.Module, seed: int) -> None:
     """Seeded random weights everywhere, norms included (Gemma norms scale by 1 + weight)."""
     generator = torch.Generator().manual_seed(seed)
@@ -103,20 +117,24 @@ def make_tiny_model(multimodal: bool = False, seed: int = 0, **overrides):
         Gemma3ForConditionalGeneration,
         SiglipVisionConfig,
     )
+    from transformers.initialization import no_init_weights
 
     torch.manual_seed(seed)
     text_config = tiny_text_config(**overrides)
-    if multimodal:
-        vision = SiglipVisionConfig(
-            hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-            image_size=28, patch_size=14,
-        )
-        config = Gemma3Config(text_config=text_config, vision_config=vision, mm_tokens_per_image=4)
-        config._attn_implementation = "eager"
-        model = Gemma3ForConditionalGeneration(config)
-    else:
-        text_config._attn_implementation = "eager"
-        model = Gemma3ForCausalLM(text_config)
+    # _randomise overwrites every parameter: skip transformers' own initialisation (most of a 1B-shaped model's
+    # build time); buffers (rotary frequencies, the embedding scale) are made in __init__ either way.
+    with no_init_weights():
+        if multimodal:
+            vision = SiglipVisionConfig(
+                hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                image_size=28, patch_size=14,
+            )
+            config = Gemma3Config(text_config=text_config, vision_config=vision, mm_tokens_per_image=4)
+            config._attn_implementation = "eager"
+            model = Gemma3ForConditionalGeneration(config)
+        else:
+            text_config._attn_implementation = "eager"
+            model = Gemma3ForCausalLM(text_config)
     _randomise(model, seed)
     if model.config.get_text_config().tie_word_embeddings:
         model.tie_weights()

@@ -125,9 +125,9 @@ class Frozen:
         return target_values(self.lm, self.att, self.encoders, out)
 
 
-def sample_sources(att: Attribution, n_features=16, n_errors=10, seed=0, n_tokens=None) -> list[int]:
-    """Tokens (all, or BOS, the attributed position and ``n_tokens`` others), features from every layer
-    (incl. ones at the attributed position) and errors."""
+def sample_sources(att: Attribution, n_features=16, n_errors=10, seed=0, n_tokens=None, layers=None) -> list[int]:
+    """Tokens (all, or BOS, the attributed position and ``n_tokens`` others), features from every layer (or from
+    ``layers`` only; incl. ones at the attributed position) and errors."""
     lay = att.layout
     rng = random.Random(seed)
     kind = lay.kind[: lay.n_sources]
@@ -139,7 +139,7 @@ def sample_sources(att: Attribution, n_features=16, n_errors=10, seed=0, n_token
     else:
         others = rng.sample(tokens[1:att.position + 1], min(n_tokens, att.position))
         chosen = {tokens[0], tokens[att.position], *others}
-    for layer in range(int(lay.layer.max())):
+    for layer in range(int(lay.layer.max())) if layers is None else layers:
         in_layer = [s for s in features if int(lay.layer[s]) == layer]
         at_position = [s for s in in_layer if int(lay.position[s]) == att.position]
         chosen |= set(rng.sample(in_layer, min(2, len(in_layer))))

@@ -31,15 +31,26 @@ GEMMA3_CHAT_TEMPLATE = (
 
 @dataclass(frozen=True)
 class ModelSize:
-    """One size of the family. ``multimodal`` sizes load as image-text models whose text stack sits
-    under ``model.language_model``; the others load as causal LMs with the stack under ``model``."""
+    """One size of the family: its published shape, as the checkpoint's Hugging Face ``config.json`` gives it
+    (the ``text_config`` of the multimodal sizes). ``multimodal`` sizes load as image-text models whose text
+    stack sits under ``model.language_model``; the others load as causal LMs with the stack under ``model``.
+
+    Layer ``L`` is a global (full-attention) layer when ``(L + 1) % global_every == 0`` and a local one,
+    attending to the last ``sliding_window`` tokens, otherwise (Gemma 3: five local layers, then one global)."""
 
     size: str
-    n_layers: int
-    d_model: int
-    d_mlp: int
+    n_layers: int  # num_hidden_layers
+    d_model: int  # hidden_size
+    d_mlp: int  # intermediate_size
+    n_heads: int  # num_attention_heads
+    n_kv_heads: int  # num_key_value_heads
+    head_dim: int
+    sliding_window: int
+    vocab_size: int
     multimodal: bool
     hub_ids: dict[str, str]
+    query_pre_attn_scalar: float = 256  # attention logits are scaled by its inverse square root
+    global_every: int = 6  # transformers' sliding_window_pattern
     # Dictionary sets shipped inside the package for this size, by variant: a folder name under
     # dictionaries/bundled_sets/ (see dictionaries/bundled.py). Sizes without one need --dictionaries.
     bundled_dictionaries: dict[str, str] = field(default_factory=dict)
@@ -53,6 +64,21 @@ class ModelSize:
     def name(self, variant: Variant) -> str:
         """Canonical short name, e.g. ``gemma-3-270m`` (pt) or ``gemma-3-1b-it``."""
         return f"gemma-3-{self.size}" + ("" if variant == "pt" else f"-{variant}")
+
+    def layer_types(self, n_layers: int | None = None) -> list[str]:
+        """transformers' ``layer_types`` for this size's attention pattern over ``n_layers`` (default: its own)."""
+        count = self.n_layers if n_layers is None else n_layers
+        return ["full_attention" if (layer + 1) % self.global_every == 0 else "sliding_attention"
+                for layer in range(count)]
+
+    def text_config_values(self) -> dict:
+        """The ``Gemma3TextConfig`` keyword arguments of this size's shape (what tests and benchmarks build
+        random models of this size from; rope settings, which do not change the shape, are left at their
+        defaults)."""
+        return dict(num_hidden_layers=self.n_layers, hidden_size=self.d_model, intermediate_size=self.d_mlp,
+                    num_attention_heads=self.n_heads, num_key_value_heads=self.n_kv_heads, head_dim=self.head_dim,
+                    sliding_window=self.sliding_window, layer_types=self.layer_types(), vocab_size=self.vocab_size,
+                    query_pre_attn_scalar=self.query_pre_attn_scalar)
 
 
 @dataclass(frozen=True)
@@ -69,21 +95,36 @@ class ModelFamily:
     # The chat format used for ``--chat`` when a checkpoint's tokenizer carries no template.
     chat_template: str | None = None
 
+    def size(self, name: str) -> ModelSize:
+        """The size called ``name`` (``"1b"``)."""
+        for size in self.sizes:
+            if size.size == name:
+                return size
+        raise KeyError(f"{self.name} has no size {name!r}; it has " + ", ".join(s.size for s in self.sizes))
+
 
 GEMMA3 = ModelFamily(
     name="gemma-3",
+    # The published configs (google/gemma-3-*-pt config.json; the text_config of 4B-27B). The multimodal sizes'
+    # text vocabulary is 262,208 (the 262,144 of 270M/1B plus image tokens): their configs leave vocab_size at
+    # Gemma3TextConfig's default. 27B's attention scale is d_model / n_heads = 168, not head_dim.
     sizes=(
-        ModelSize("270m", 18, 640, 2048, False,
-                  {"pt": "google/gemma-3-270m", "it": "google/gemma-3-270m-it"},
+        ModelSize("270m", n_layers=18, d_model=640, d_mlp=2048, n_heads=4, n_kv_heads=1, head_dim=256,
+                  sliding_window=512, vocab_size=262144, multimodal=False,
+                  hub_ids={"pt": "google/gemma-3-270m", "it": "google/gemma-3-270m-it"},
                   bundled_dictionaries={"pt": "gemma-3-270m-skip-transcoders"}),
-        ModelSize("1b", 26, 1152, 6912, False,
-                  {"pt": "google/gemma-3-1b-pt", "it": "google/gemma-3-1b-it"}),
-        ModelSize("4b", 34, 2560, 10240, True,
-                  {"pt": "google/gemma-3-4b-pt", "it": "google/gemma-3-4b-it"}),
-        ModelSize("12b", 48, 3840, 15360, True,
-                  {"pt": "google/gemma-3-12b-pt", "it": "google/gemma-3-12b-it"}),
-        ModelSize("27b", 62, 5376, 21504, True,
-                  {"pt": "google/gemma-3-27b-pt", "it": "google/gemma-3-27b-it"}),
+        ModelSize("1b", n_layers=26, d_model=1152, d_mlp=6912, n_heads=4, n_kv_heads=1, head_dim=256,
+                  sliding_window=512, vocab_size=262144, multimodal=False,
+                  hub_ids={"pt": "google/gemma-3-1b-pt", "it": "google/gemma-3-1b-it"}),
+        ModelSize("4b", n_layers=34, d_model=2560, d_mlp=10240, n_heads=8, n_kv_heads=4, head_dim=256,
+                  sliding_window=1024, vocab_size=262208, multimodal=True,
+                  hub_ids={"pt": "google/gemma-3-4b-pt", "it": "google/gemma-3-4b-it"}),
+        ModelSize("12b", n_layers=48, d_model=3840, d_mlp=15360, n_heads=16, n_kv_heads=8, head_dim=256,
+                  sliding_window=1024, vocab_size=262208, multimodal=True,
+                  hub_ids={"pt": "google/gemma-3-12b-pt", "it": "google/gemma-3-12b-it"}),
+        ModelSize("27b", n_layers=62, d_model=5376, d_mlp=21504, n_heads=32, n_kv_heads=16, head_dim=128,
+                  sliding_window=1024, vocab_size=262208, multimodal=True, query_pre_attn_scalar=168,
+                  hub_ids={"pt": "google/gemma-3-27b-pt", "it": "google/gemma-3-27b-it"}),
     ),
     # Gemma Scope 2's hook sites: transcoders read pre_feedforward_layernorm's output and stand in for
     # post_feedforward_layernorm's (the Architecture defaults); norms scale by 1 + w; embeddings by sqrt(d).
@@ -144,8 +185,9 @@ def lookup(name: str) -> ModelEntry | None:
 
 
 def match_config(n_layers: int, d_model: int, family: ModelFamily | None = None) -> ModelSize | None:
-    """The size (of ``family``, or of any family) whose shape a loaded model's config has, or None for a
-    custom model."""
+    """The size (of ``family``, or of any family) with this layer count and d_model in the size table, or None
+    for a custom model. (Each size of a family has its own (n_layers, d_model) pair; heads and widths are not
+    compared, so a model shrunk in its MLP still finds its size.)"""
     for candidate in FAMILIES if family is None else (family,):
         for size in candidate.sizes:
             if (size.n_layers, size.d_model) == (n_layers, d_model):
