@@ -118,7 +118,9 @@ def _build_networkx(result: Attribution, pruned: PrunedGraph, groups: list[Remai
     feature_of_node = {int(node): k for k, node in enumerate(layout.feature_node.tolist())}
     group_of_node = {g.node: g for g in groups}
     target_nodes = layout.target_nodes
-    values = torch.cat([_feature_values(result), result.logits.values.cpu()])
+    # target values: a feature's encoder pre-activation x @ W_enc + b_enc (what its incoming edges add up to with
+    # the constant terms: biases, b_enc, constant positions), a logit's value
+    values = torch.cat([result.replacement.feature_pre_activations.cpu(), result.logits.values.cpu()])
     influence = pruned.influence.cpu()
 
     # edges first: a node is drawn when it is a token or logit, or has at least one kept edge
@@ -166,15 +168,3 @@ def _build_networkx(result: Attribution, pruned: PrunedGraph, groups: list[Remai
     for source, target, weight in edges:
         graph.add_edge(ids[source], ids[target], weight=weight)
     return graph
-
-
-def _feature_values(result: Attribution) -> torch.Tensor:
-    """Each active feature's target value: its encoder pre-activation x @ W_enc + b_enc (what the incoming
-    edges add up to together with the constant terms: biases, b_enc, constant positions)."""
-    features = result.replacement.features
-    out = torch.empty(len(features))
-    for layer, pre in enumerate(result.replacement.pre_activations):
-        ids = (features.layer == layer).nonzero().flatten()
-        if len(ids):
-            out[ids.cpu()] = pre[features.position[ids], features.index[ids]].cpu()
-    return out

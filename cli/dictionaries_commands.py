@@ -17,6 +17,7 @@ from .options import (
     model_of_dictionaries,
     model_option,
     selector_options,
+    threads_option,
 )
 
 
@@ -139,6 +140,7 @@ def dictionaries_convert(src: str, dst: str, from_format: str, force: bool, mode
 @click.option("--distributed", type=click.Choice(["data", "layers"]), default="data", show_default=True,
               help="Under torchrun: data parallel, or layers sharded across processes.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
+@threads_option
 def dictionaries_train(matryoshka, layers, no_progress, **settings) -> None:
     """Train transcoders, skip transcoders or a CLT on MODEL's MLPs; writes the native format to --out."""
     import os
@@ -168,6 +170,7 @@ def dictionaries_train(matryoshka, layers, no_progress, **settings) -> None:
 @click.option("--batch-size", type=int, default=2, show_default=True, help="Contexts per forward pass.")
 @json_option
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
+@threads_option
 def dictionaries_eval(path, model, selectors, data, tokens, batch_size, as_json, no_progress) -> None:
     """Held-out FVU, L0 and dead features per layer, and the CE/KL change with every layer spliced in."""
     from dictionaries.evaluation import evaluate, format_report, held_out_contexts

@@ -13,6 +13,7 @@ from .options import (
     model_of_dictionaries,
     model_option,
     selector_options,
+    threads_option,
 )
 
 
@@ -40,8 +41,9 @@ _labels_option = click.option("--labels", "labels_dir", default=None,
 @_labels_option
 @click.option("--force", is_flag=True, help="Replace existing labels.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
+@threads_option
 def features_annotate(path, model, selectors, data, tokens, context_length, batch_size, contexts_per_feature,
-                      labels_dir, force, no_progress) -> None:
+                      labels_dir, force, no_progress, threads) -> None:
     """Annotate every feature of the dictionary set at DICT and store the labels next to it."""
     import time
     from pathlib import Path
@@ -72,7 +74,7 @@ def features_annotate(path, model, selectors, data, tokens, context_length, batc
     annotate(dicts, lm, destination, data=data, tokens=tokens, context_length=context_length, settings=settings,
              overwrite=force, progress=not no_progress)
     click.echo(f"wrote labels of {sum(dicts.widths)} features ({dicts.n_layers} layers) to {destination} "
-               f"in {time.perf_counter() - start:.1f} s")
+               f"in {time.perf_counter() - start:.1f} s with {threads.describe()}")
 
 
 @features.command("show")

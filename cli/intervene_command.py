@@ -18,6 +18,7 @@ from .options import (
     dtype_option,
     json_option,
     model_option,
+    threads_option,
 )
 
 
@@ -45,6 +46,7 @@ from .options import (
 @click.option("--chat", is_flag=True, help="Wrap the prompt in the tokenizer's chat template (for -it models).")
 @dtype_option()
 @device_option
+@threads_option
 @json_option
 def intervene_command(prompt, model, dictionaries_path, selectors, ablations, assignments, scalings, freeze_attention,
                       freeze_norms, feature_mode, position, top, n_generate, temperature, seed, chat, dtype, device,
@@ -151,6 +153,7 @@ def _intervention_text(result, generations) -> str:
 @dictionaries_options(help="Dictionary set (default: the one the graph names).")
 @dtype_option(None, help="Model dtype (default: the trace's).")
 @device_option
+@threads_option
 @json_option
 def validate_command(graph_path, top, target, modes, model, dictionaries_path, selectors, dtype, device,
                      as_json) -> None:

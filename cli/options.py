@@ -1,7 +1,7 @@
 """The click options several commands share, each declared once, with its default read from the code's own
 single source: the model (:data:`~dictionaries.models.registry.DEFAULT_MODEL`), the dictionaries and their
-Gemma Scope 2 selectors, dtype, device and ``--json``; :func:`trace_default` reads a trace setting's default
-from :class:`~circuits.settings.TraceSettings`.
+Gemma Scope 2 selectors, dtype, device, ``--threads`` and ``--json``; :func:`trace_default` reads a trace
+setting's default from :class:`~circuits.settings.TraceSettings`.
 
 Nothing here imports transformers: ``circuitscope --help`` must not pay for it.
 """
@@ -9,6 +9,7 @@ Nothing here imports transformers: ``circuitscope --help`` must not pay for it.
 from __future__ import annotations
 
 import functools
+import inspect
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, get_args
 
@@ -17,6 +18,8 @@ import click
 from circuits.settings import TraceSettings
 from dictionaries.formats import Selector, registered_selectors
 from dictionaries.models.registry import DEFAULT_MODEL
+
+from .threads import ThreadSettings, use_threads
 
 if TYPE_CHECKING:
     from dictionaries.dictionary_set import DictionarySet
@@ -56,6 +59,28 @@ def dtype_option(default: str | None = trace_default("dtype"), help: str = "Mode
 
 device_option = click.option("--device", default=None, help="cpu (default) or cuda.")
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
+
+
+# --- threads ---------------------------------------------------------------------------------------------
+THREADS_HELP = ("Torch threads; 0 chooses from the cores this process may use (CPU affinity, cgroup quota) less "
+                "the machine's load from other processes. OMP_NUM_THREADS, when set, replaces that choice; "
+                "--threads N > 0 overrides both.")
+
+
+def threads_option(command: Callable[..., Any]) -> Callable[..., Any]:
+    """``--threads N`` (:class:`~cli.threads.ThreadSettings`): the command runs with the chosen torch thread count
+    (:func:`cli.threads.use_threads`), set before its work starts. A command with a ``threads`` parameter
+    receives the :class:`~cli.threads.ThreadChoice` (to report it); others do not see the option."""
+    wants_choice = "threads" in inspect.signature(command).parameters
+
+    @functools.wraps(command)
+    def with_threads(*args: Any, threads: int, **kwargs: Any) -> Any:
+        with use_threads(ThreadSettings(threads=threads)) as choice:
+            return command(*args, **({"threads": choice} if wants_choice else {}), **kwargs)
+
+    default = ThreadSettings.model_fields["threads"].default
+    return click.option("--threads", type=click.IntRange(min=0), default=default, show_default=True,
+                        help=THREADS_HELP)(with_threads)
 
 
 # --- dictionaries ----------------------------------------------------------------------------------------

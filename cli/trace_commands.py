@@ -15,6 +15,7 @@ from .options import (
     dictionaries_options,
     dtype_option,
     model_option,
+    threads_option,
     trace_default,
 )
 
@@ -54,6 +55,7 @@ from .options import (
               help="Cumulative edge influence kept by pruning.")
 @dtype_option()
 @device_option
+@threads_option
 @click.option("--chat", is_flag=True, help="Wrap the prompt in the tokenizer's chat template (for -it models).")
 @click.option("--keep-unpruned", is_flag=True, help="Also store what pruning removed (big for real models).")
 @click.option("--svg", "svg_path", default=None, help="Write the SVG here instead (needs graphviz).")
@@ -61,8 +63,8 @@ from .options import (
 @click.option("--neuronpedia", "np_path", default=None, help="Also export JSON for the Neuronpedia graph frontend.")
 def trace_command(prompt, model, dictionaries_path, selectors, out_dir, output, no_drawings, no_labels, max_logits,
                   logit_prob, targets, logit_diff, position, max_features, batch_size, memory_limit, adjacency,
-                  plan_only, node_threshold, edge_threshold, dtype, device, chat, keep_unpruned, svg_path, html_path,
-                  np_path) -> None:
+                  plan_only, node_threshold, edge_threshold, dtype, device, threads, chat, keep_unpruned, svg_path,
+                  html_path, np_path) -> None:
     """Trace PROMPT: write its attribution graph as graph.json, graph.svg and graph.html.
 
     With no options: the default model (the real Gemma 3 270M) and the dictionaries shipped for it.
@@ -93,6 +95,7 @@ def trace_command(prompt, model, dictionaries_path, selectors, out_dir, output, 
     if plan_only:  # writes nothing
         loaded = load_model_and_dictionaries(model, dictionaries_path, dtype, device, selectors)
         click.echo(plan_attribution(loaded.lm, loaded.dicts, prompt, settings).describe())
+        click.echo(f"threads         {threads.describe()}")
         return
     output, svg_path, html_path = _output_paths(Path(out_dir), output, svg_path, html_path, no_drawings, np_path)
     loaded = load_model_and_dictionaries(model, dictionaries_path, dtype, device, selectors)
@@ -117,7 +120,7 @@ def trace_command(prompt, model, dictionaries_path, selectors, out_dir, output, 
     shown = ", ".join(f"{graph.graph.nodes[n]['token']!r} {graph.graph.nodes[n]['probability']:.3f}" for n in logits)
     click.echo(f"logits     {shown}")
     click.echo(f"time       {time.perf_counter() - start:.1f} s: "
-               + ", ".join(f"{name} {seconds:.1f} s" for name, seconds in phases.items()))
+               + ", ".join(f"{name} {seconds:.1f} s" for name, seconds in phases.items()) + f"; {threads.describe()}")
     if meta.plan is not None:
         click.echo(f"plan       estimated peak {format_bytes(meta.plan.peak_bytes)}, "
                    f"{meta.plan.seconds:.1f} s, batch size {meta.plan.batch_size}")

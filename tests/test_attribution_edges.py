@@ -356,8 +356,7 @@ def _check_rows_sum_to_values(lm, dicts, att: Attribution) -> None:
     )
     # the engine's own record of the values agrees: pre-activations (with b_enc) and logit values
     f = att.replacement.features
-    pre = torch.stack([att.replacement.pre_activations[int(L)][int(p), int(i)]
-                       for L, p, i in zip(f.layer, f.position, f.index, strict=True)])
+    pre = att.replacement.feature_pre_activations
     b_enc = torch.stack([dicts.encoder_bias(int(L))[int(i)] for L, i in zip(f.layer, f.index, strict=True)])
     torch.testing.assert_close(pre - b_enc, clean[: att.n_features], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(att.logits.values.float(), clean[att.n_features:], rtol=1e-5, atol=1e-5)

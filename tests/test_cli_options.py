@@ -12,6 +12,7 @@ import click
 from circuits.settings import TraceSettings
 from cli import main
 from cli.options import DTYPES
+from cli.threads import ThreadSettings
 from dictionaries.formats import registered_selectors
 from dictionaries.models.registry import DEFAULT_MODEL
 
@@ -49,6 +50,16 @@ def test_trace_settings_defaults_come_from_trace_settings():
     for field in ("max_logits", "logit_prob", "batch_size", "node_threshold", "edge_threshold", "dtype",
                   "max_features", "position"):
         assert params[field].default == TraceSettings.model_fields[field].default, field
+
+
+def test_every_command_that_runs_a_model_takes_threads_with_the_settings_default():
+    runs_a_model = {"trace", "intervene", "validate", "features annotate", "dictionaries eval", "dictionaries train"}
+    takes_threads = {name for name, c in _commands().items() if "threads" in _params(c)}
+    assert takes_threads == runs_a_model
+    for name in runs_a_model:
+        option = _params(_commands()[name])["threads"]
+        assert option.default == ThreadSettings.model_fields["threads"].default == 0, name
+        assert "OMP_NUM_THREADS" in option.help and "load" in option.help, name
 
 
 def test_dtype_choices_are_the_settings_dtypes():

@@ -43,12 +43,22 @@ class DecoderWrites:
 
 @dataclass
 class Replacement:
+    """The replacement state of one prompt. Only the active features' encoder pre-activations are kept (the
+    dense [P, d_sae] per layer would be ~19 MB a token at 262k width); any other entry is
+    ``dicts.pre_activations(layer, clean.layers[layer].mlp_input)``, recomputed from the clean run."""
+
     features: ActiveFeatures
     writes: list[DecoderWrites]  # per target layer
     errors: torch.Tensor  # [n_layers, P, d] float32, zero at constant positions
     reconstruction: torch.Tensor  # [n_layers, P, d] float32, equals the MLP output at constant positions
-    pre_activations: list[torch.Tensor]  # per layer [P, d_sae]: the encoder pre-activations (targets' values)
+    feature_pre_activations: torch.Tensor  # [n] float32: active feature k's x @ W_enc + b_enc (its target value)
     constant_positions: torch.Tensor  # [P] bool
+
+    def layer_slice(self, layer: int) -> slice:
+        """The active features of ``layer``: a slice of ``features`` (sorted by layer) and of
+        ``feature_pre_activations``."""
+        start = int((self.features.layer < layer).sum())
+        return slice(start, start + int((self.features.layer == layer).sum()))
 
 
 @torch.no_grad()
@@ -68,7 +78,7 @@ def build_replacement(clean: CleanRun, dicts: DictionarySet, constant_positions:
         positions.append(pos)
         indices.append(idx)
         activations.append(acts[pos, idx])
-        pre_acts.append(pre)
+        pre_acts.append(pre[pos, idx])
     features = ActiveFeatures(
         torch.cat(layers), torch.cat(positions), torch.cat(indices), torch.cat(activations).float()
     )
@@ -98,4 +108,4 @@ def build_replacement(clean: CleanRun, dicts: DictionarySet, constant_positions:
     recon = torch.stack([mlp.output(t, clean.layers[t].mlp_input.to(device), clean=outputs[t])
                          for t in range(n_layers)])
     errors = torch.where(constant_positions[None, :, None], torch.zeros_like(outputs), outputs - recon)
-    return Replacement(features, writes, errors, recon, pre_acts, constant_positions)
+    return Replacement(features, writes, errors, recon, torch.cat(pre_acts), constant_positions)

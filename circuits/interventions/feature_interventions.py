@@ -187,23 +187,24 @@ class _InterventionMlps:
         for iv in interventions:
             self.by_layer.setdefault(iv.layer, []).append(iv)
 
-    def _clean_activations(self, layer: int, pre: torch.Tensor) -> torch.Tensor:
-        return self.dicts.activation(layer)(pre) * self.keep[:, None]
-
     def features(self, layer: int, x: torch.Tensor) -> torch.Tensor:
         """x [P, d] float32 -> this run's activations [P, d_sae] at ``layer``, interventions applied."""
-        clean_pre = self.state.replacement.pre_activations[layer]
+        replacement = self.state.replacement
+        clean = replacement.layer_slice(layer)  # the clean run's active features of this layer
+        pos, idx = replacement.features.position[clean], replacement.features.index[clean]
+        clean_acts = replacement.features.activation[clean]  # [m]
         mode = self.settings.features
         if mode == "frozen":
-            acts = self._clean_activations(layer, clean_pre)
+            acts = x.new_zeros(x.shape[0], self.dicts.widths[layer])
+            acts[pos, idx] = clean_acts
         else:
             weight_device = self.dicts.encoder_bias(layer).device
             pre = self.dicts.pre_activations(layer, x.to(weight_device)).float().to(self.device)
             if mode == "recompute":
                 acts = self.dicts.activation(layer)(pre)
-            else:
-                clean = self._clean_activations(layer, clean_pre)
-                acts = torch.where(clean != 0, clean + pre - clean_pre, torch.zeros_like(clean))
+            else:  # linear: only the clean run's active features, slope 1
+                acts = torch.zeros_like(pre)
+                acts[pos, idx] = clean_acts + pre[pos, idx] - replacement.feature_pre_activations[clean]
             acts = acts * self.keep[:, None]
         for iv in self.by_layer.get(layer, []):
             rows = self.keep.nonzero().flatten() if iv.position is None else torch.tensor([iv.position])
