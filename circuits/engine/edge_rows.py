@@ -14,6 +14,7 @@ Rows are stored as the prefix of sources that can reach them (see :mod:`circuits
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from dataclasses import dataclass
 
 import torch
@@ -40,24 +41,26 @@ class _WidthClass:
 
     def __init__(self, positions: torch.Tensor, row: torch.Tensor, slot: torch.Tensor, nodes: torch.Tensor,
                  vectors: torch.Tensor, width: int):
-        """``positions`` [k] ascending; source j sits at (``row[j]``, ``slot[j]``), rows ascending, j = 0..m."""
+        """``positions`` [k] ascending; source j (of m) sits in row ``row[j]`` (ascending) at ``slot[j]`` < w."""
         self.positions = positions  # [k] long
         self.vectors = torch.zeros(len(positions), width, vectors.shape[1], device=vectors.device)  # [k, w, d]
         self.vectors[row, slot] = vectors
-        self.row, self.slot, self.nodes = row, slot, nodes  # [m] each
-        # on the CPU, so that cutting at a prefix of positions never waits on a device
-        self.cut_positions = positions.cpu()
-        self.sources_before = torch.cumsum(torch.bincount(row, minlength=len(positions)), 0).cpu()  # [k]
+        self.flat = row * width + slot  # [m] each source's place among the [k, w] products, ascending
+        self.nodes = nodes  # [m]
+        # Python lists, so that cutting at a prefix of positions costs no tensor op and never waits on a device
+        self.position_list = positions.tolist()
+        self.sources_through = torch.cumsum(torch.bincount(row, minlength=len(positions)), 0).tolist()  # [k]
 
     def read(self, grad: torch.Tensor, out: torch.Tensor) -> None:
         """Add G[b, p] . vector into ``out`` [B, width] for this class's sources at positions < P'."""
-        k = int(torch.searchsorted(self.cut_positions, grad.shape[1]))
+        k = bisect_left(self.position_list, grad.shape[1])  # rows at positions < P'
         if k == 0:
             return
-        m = int(self.sources_before[k - 1])
+        m = self.sources_through[k - 1]
         here = grad.index_select(1, self.positions[:k]).transpose(0, 1)  # [k, B, d]
         vals = torch.bmm(here, self.vectors[:k].transpose(1, 2))  # [k, B, w]
-        out.index_add_(1, self.nodes[:m], vals.permute(1, 0, 2)[:, self.row[:m], self.slot[:m]])
+        vals = vals.permute(1, 0, 2).reshape(len(grad), -1)  # [B, k * w]
+        out.index_add_(1, self.nodes[:m], vals.index_select(1, self.flat[:m]))
 
 
 class _PositionGroups:
