@@ -4,12 +4,14 @@
    dictionaries on 18 layers (d = 640): per position and layer a log-normal number of active features (median 20)
    plus its error node, and at one position per layer ``--max`` (470) features, like an encoder firing heavily on
    an unusual token. Per layer: the bytes of every tensor the groups hold, the time to build them and the time to
-   read one batch of ``--batch`` gradient rows [B, P, d] into a row buffer [B, sources]. Layers are built and
-   read one at a time (summed), so that the old padded layout (~1.2 GB per layer) can be measured in 23 GB.
+   read one batch of ``--batch`` gradient rows [B, P, d] into a row buffer [B, sources] (``--device cuda``: on a
+   GPU). Layers are built and read one at a time (summed), so that the old padded layout (~1.2 GB per layer) can
+   be measured on a small machine.
 2. ``trace``: one whole trace on a tiny random Gemma 3 (tests/conftest.py; 4 layers, d 32) with 64-wide
    dictionaries on a 49-token prompt (the tiny model takes 64): the attribution time, best of ``--repeat``.
 
-Compare two checkouts side by side, with one thread each:
+Wall times are the best of ``--repeat``; so are the CPU times (process time, less disturbed by other processes on a
+shared machine). Compare two checkouts side by side, with one thread each:
 
     OMP_NUM_THREADS=1 python benchmarks/edge_rows.py                       # this checkout
     OMP_NUM_THREADS=1 python benchmarks/edge_rows.py --repo /path/to/other # the same cases on another checkout
@@ -60,9 +62,10 @@ def groups_case(args) -> dict:
     gen = torch.Generator().manual_seed(0)
     counts = [skewed_counts(args.tokens, args.median, args.max, args.sigma, gen) for _ in range(args.layers)]
     n_sources = sum(int(c.sum()) for c in counts)
-    grad = torch.randn(args.batch, args.tokens, args.d, generator=gen)
-    out = torch.zeros(args.batch, n_sources)
-    held = real = build = read = 0.0
+    device = torch.device(args.device)
+    grad = torch.randn(args.batch, args.tokens, args.d, generator=gen).to(device)
+    out = torch.zeros(args.batch, n_sources, device=device)
+    held = real = build = read = read_cpu = 0.0
     offset = 0
     for layer_counts in counts:
         n = int(layer_counts.sum())
@@ -70,18 +73,24 @@ def groups_case(args) -> dict:
         shuffle = torch.randperm(n, generator=gen)
         nodes, positions = offset + shuffle, positions[shuffle]
         vectors = torch.randn(n, args.d, generator=gen)
+        nodes, positions, vectors = nodes.to(device), positions.to(device), vectors.to(device)
         offset += n
+        _sync(device)
         start = time.perf_counter()
         groups = _PositionGroups(nodes, positions, vectors, args.tokens)
+        _sync(device)
         build += time.perf_counter() - start
         held += stored_bytes(groups)
         real += vectors.numel() * 4 + nodes.numel() * 8
-        best = float("inf")
+        best = best_cpu = float("inf")
         for _ in range(args.repeat):
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             groups.read(grad, out)
+            _sync(device)
             best = min(best, time.perf_counter() - start)
+            best_cpu = min(best_cpu, time.process_time() - start_cpu)
         read += best
+        read_cpu += best_cpu
         del groups, vectors
     all_counts = torch.cat(counts) - 1
     return {
@@ -98,8 +107,15 @@ def groups_case(args) -> dict:
         "stored_over_real": round(held / real, 2),
         "build_s": round(build, 3),
         "read_batch_s": round(read, 3),
+        "read_batch_cpu_s": round(read_cpu, 3),
         "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB, 2),
+        **({"peak_gpu_gib": round(torch.cuda.max_memory_allocated(device) / GIB, 2)} if device.type == "cuda" else {}),
     }
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 TRACE_PROMPT = " ".join(["the cat was in the tree and the dog was by the river in the city"] * 3)
@@ -118,17 +134,20 @@ def trace_case(args) -> dict:
         lm = load_model(make_tiny_checkpoint(Path(directory)))
     dicts = make_dictionaries(lm, width=64)
     settings = TraceSettings(batch_size=16)
-    best = float("inf")
+    best = best_cpu = float("inf")
     for _ in range(args.repeat + 1):  # the first one warms up
         torch.manual_seed(0)
+        start_cpu = time.process_time()
         result = attribute(lm, dicts, TRACE_PROMPT, settings)
         best = min(best, result.timings["attribution"])
+        best_cpu = min(best_cpu, time.process_time() - start_cpu)
     return {
         "case": "trace",
         "tokens": int(result.input_ids.shape[0]),
         "active_features": result.n_features,
         "edges": sum(block.values.numel() for block in result.blocks),
         "attribution_s": round(best, 4),
+        "trace_cpu_s": round(best_cpu, 4),
     }
 
 
@@ -143,6 +162,7 @@ def main() -> None:
     parser.add_argument("--median", type=float, default=20.0)
     parser.add_argument("--max", type=int, default=470)
     parser.add_argument("--sigma", type=float, default=0.5, help="spread of the log-normal feature counts")
+    parser.add_argument("--device", default="cpu", help="groups case: where the tensors live (cpu, cuda)")
     parser.add_argument("--repeat", type=int, default=2, help="reads (trace: traces) per measurement, best kept")
     args = parser.parse_args()
     sys.path.insert(0, str(Path(args.repo or Path(__file__).resolve().parents[1]).resolve()))
