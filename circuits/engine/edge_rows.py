@@ -14,6 +14,7 @@ Rows are stored as the prefix of sources that can reach them (see :mod:`circuits
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from dataclasses import dataclass
 
 import torch
@@ -35,37 +36,74 @@ class RowBlock:
         return int(self.values.shape[1])
 
 
-class _PositionGroups:
-    """Sources writing into one layer, padded per position so one batched matmul reads them all."""
+class _WidthClass:
+    """The positions of one layer whose source count fits one width w, each padded to w (see _PositionGroups)."""
 
-    def __init__(self, nodes: torch.Tensor, positions: torch.Tensor, vectors: torch.Tensor, n_positions: int):
-        d = vectors.shape[1]
-        device = vectors.device
-        counts = torch.bincount(positions, minlength=n_positions) if len(positions) else torch.zeros(
-            n_positions, dtype=torch.long, device=device)
-        width = int(counts.max()) if len(positions) else 0
-        order = torch.argsort(positions, stable=True)
-        positions, nodes, vectors = positions[order], nodes[order], vectors[order]
-        starts = torch.cumsum(counts, 0) - counts
-        slot = torch.arange(len(positions), device=device) - starts[positions]
-        self.vectors = torch.zeros(n_positions, width, d, device=device)  # [P, width, d]
-        self.vectors[positions, slot] = vectors
-        self.nodes = torch.full((n_positions, width), -1, dtype=torch.long, device=device)
-        self.nodes[positions, slot] = nodes
-        self.counts = counts
+    def __init__(self, positions: torch.Tensor, row: torch.Tensor, slot: torch.Tensor, nodes: torch.Tensor,
+                 vectors: torch.Tensor, width: int):
+        """``positions`` [k] ascending; source j (of m) sits in row ``row[j]`` (ascending) at ``slot[j]`` < w."""
+        self.positions = positions  # [k] long
+        self.vectors = torch.zeros(len(positions), width, vectors.shape[1], device=vectors.device)  # [k, w, d]
+        self.vectors[row, slot] = vectors
+        self.flat = row * width + slot  # [m] each source's place among the [k, w] products, ascending
+        self.nodes = nodes  # [m]
+        # Python lists, so that cutting at a prefix of positions costs no tensor op and never waits on a device
+        self.position_list = positions.tolist()
+        self.sources_through = torch.cumsum(torch.bincount(row, minlength=len(positions)), 0).tolist()  # [k]
 
     def read(self, grad: torch.Tensor, out: torch.Tensor) -> None:
-        """Add G[b, p] . vector for every source at positions < P' into ``out`` [B, width]."""
-        n = grad.shape[1]
-        if self.vectors.shape[1] == 0:
+        """Add G[b, p] . vector into ``out`` [B, width] for this class's sources at positions < P'."""
+        k = bisect_left(self.position_list, grad.shape[1])  # rows at positions < P'
+        if k == 0:
             return
-        width = int(self.counts[:n].max()) if n else 0
-        if width == 0:
-            return
-        vals = torch.bmm(grad.transpose(0, 1), self.vectors[:n, :width].transpose(1, 2))  # [P', B, width]
-        nodes = self.nodes[:n, :width]
-        valid = nodes >= 0
-        out.index_add_(1, nodes[valid], vals.permute(1, 0, 2)[:, valid])
+        m = self.sources_through[k - 1]
+        here = grad.index_select(1, self.positions[:k]).transpose(0, 1)  # [k, B, d]
+        vals = torch.bmm(here, self.vectors[:k].transpose(1, 2))  # [k, B, w]
+        vals = vals.permute(1, 0, 2).reshape(len(grad), -1)  # [B, k * w]
+        out.index_add_(1, self.nodes[:m], vals.index_select(1, self.flat[:m]))
+
+
+class _PositionGroups:
+    """Sources writing into one layer, grouped by position so that a few batched matmuls read them all.
+
+    A source at position p is read as G[:, p] . vector. Positions are put into width classes by their source
+    count (1, 2, 4, 8, ...: the next power of two) and padded only to their class's width, with one bmm per
+    class. Stored vectors are therefore under 2x the real ones however skewed the counts are (an encoder that
+    fires on hundreds of features at one unusual token widens only that token's class), and so is each read's
+    [k, B, w] product. Positions without sources are not stored.
+    """
+
+    def __init__(self, nodes: torch.Tensor, positions: torch.Tensor, vectors: torch.Tensor, n_positions: int):
+        """``nodes`` [n] source node ids, ``positions`` [n], ``vectors`` [n, d]: what each source writes."""
+        device = vectors.device
+        order = torch.argsort(positions, stable=True)
+        positions, nodes, vectors = positions[order], nodes[order], vectors[order]
+        counts = torch.bincount(positions, minlength=n_positions)  # [P]
+        slot = torch.arange(len(positions), device=device) - (torch.cumsum(counts, 0) - counts)[positions]
+        widths = _width_class(counts)  # [P], 0 where no source
+        local = torch.zeros(n_positions, dtype=torch.long, device=device)  # a position's row within its class
+        self.classes: list[_WidthClass] = []
+        for width in widths.unique().tolist():
+            if width == 0:
+                continue
+            members = (widths == width).nonzero().flatten()
+            local[members] = torch.arange(len(members), device=device)
+            take = (widths[positions] == width).nonzero().flatten()
+            self.classes.append(_WidthClass(members, local[positions[take]], slot[take], nodes[take],
+                                            vectors[take], width))
+
+    def read(self, grad: torch.Tensor, out: torch.Tensor) -> None:
+        """Add G[b, p] . vector for every source at positions < P' into ``out`` [B, width]; ``grad`` [B, P', d]."""
+        for width_class in self.classes:
+            width_class.read(grad, out)
+
+
+def _width_class(counts: torch.Tensor) -> torch.Tensor:
+    """The padded width of a position holding ``counts`` sources: the next power of two (0 for none)."""
+    widths = torch.ones_like(counts)
+    while bool((widths < counts).any()):
+        widths = torch.where(widths < counts, widths * 2, widths)
+    return torch.where(counts > 0, widths, 0)
 
 
 class EdgeRowComputer:
