@@ -64,7 +64,7 @@ class Remainders:
             in zip(self.nodes[first].tolist(), layer[order][first].tolist(), position[order][first].tolist(),
                    self.members.split(counts.tolist()), strict=True)
         ]
-        self._maps: dict[tuple[int, torch.device], tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        self._maps: dict[tuple[int, torch.device, int], tuple[torch.Tensor, ...]] = {}  # see _column_map
 
     def folded_away(self, n_nodes: int) -> torch.Tensor:
         """[n_nodes] bool: the nodes merged into a remainder (every member but the one that stands for it)."""
@@ -73,11 +73,12 @@ class Remainders:
         away[torch.tensor([group.node for group in self.groups], dtype=torch.long)] = False
         return away
 
-    def _column_map(self, width: int, device: torch.device):
-        """For rows over sources [0, width): (columns [k] read, grouped by representative; lengths [r] of the groups;
-        representatives [r]; columns [k - r] zeroed). A group's representative is its first member inside the row;
-        groups with fewer than two members inside are left alone (as the loop over groups did)."""
-        key = (width, device)
+    def _column_map(self, width: int, values: torch.Tensor):
+        """For rows ``values`` over sources [0, width): (columns [k] int32 read, grouped by representative; lengths
+        [r] of the groups; representatives [r]; a bit mask [width] of the values' element size, zero in the
+        columns to clear). A group's representative is its first member inside the row; groups with fewer than two
+        members inside are left alone (as the loop over groups did)."""
+        key = (width, values.device, values.element_size())
         if key not in self._maps:
             n_groups = len(self.groups)
             inside = (self.nodes < width).nonzero().flatten()
@@ -88,33 +89,29 @@ class Remainders:
             folding = (count > 1).nonzero().flatten()  # [r] groups folded in these rows
             columns = self.nodes[inside[count[group] > 1]]  # grouped, as the members are
             representatives = self.nodes[first[folding]]
-            is_representative = torch.zeros(width, dtype=torch.bool)
-            is_representative[representatives] = True
-            zeroed = columns[~is_representative[columns]]
-            self._maps[key] = tuple(t.to(device) for t in (columns, count[folding], representatives, zeroed))
+            bits = _BITS[values.element_size()]
+            mask = torch.full((width,), -1, dtype=bits).index_fill_(0, columns, 0).index_fill_(0, representatives, -1)
+            self._maps[key] = (columns.int().to(values.device), count[folding].to(values.device),
+                               representatives.to(values.device), mask.to(values.device))
         return self._maps[key]
 
     def fold(self, blocks: list[RowBlock]) -> None:
         """Fold the unexpanded features' columns of ``blocks`` into their remainders, in place: each
         representative's column becomes the float32 sum of its members' columns, the others become zero."""
         for block in blocks:
-            columns, lengths, representatives, zeroed = self._column_map(block.width, block.values.device)
+            columns, lengths, representatives, mask = self._column_map(block.width, block.values)
             if len(representatives) == 0:
                 continue
             for part in block.values.split(max(1, _FOLD_CHUNK // len(columns))):  # views: written in place
                 summed = torch.segment_reduce(part.float().index_select(1, columns), "sum",
                                               lengths=lengths.expand(len(part), -1), axis=1)
                 part.index_copy_(1, representatives, summed.to(part.dtype))
-            _zero_columns(block.values, zeroed)
+            # the other members' columns to exactly +0.0 (as assignment writes), in one vectorised pass:
+            # index_fill_ and masked_fill_ are ~20x slower on CPU
+            block.values.view(mask.dtype).bitwise_and_(mask)
 
 
-def _zero_columns(values: torch.Tensor, columns: torch.Tensor) -> None:
-    """``values[:, columns] = 0.0`` in one vectorised pass: the bits of every entry are and-ed with a mask that is
-    all ones except in ``columns`` (exactly +0.0 there, as assignment writes; index_fill_ and masked_fill_ are
-    ~20x slower on CPU)."""
-    bits = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[values.element_size()]
-    mask = torch.full((values.shape[1],), -1, dtype=bits, device=values.device).index_fill_(0, columns, 0)
-    values.view(bits).bitwise_and_(mask)
+_BITS = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}  # an integer type of each element size
 
 
 def fold_remainders(blocks: list[RowBlock], layout: NodeLayout, features_layer: torch.Tensor,
