@@ -104,7 +104,7 @@ class Remainders:
                 continue
             for part in block.values.split(max(1, _FOLD_CHUNK // len(columns))):  # views: written in place
                 summed = torch.segment_reduce(part.float().index_select(1, columns), "sum",
-                                              lengths=lengths.expand(len(part), -1), axis=1)
+                                              lengths=lengths.expand(len(part), -1).contiguous(), axis=1)
                 part.index_copy_(1, representatives, summed.to(part.dtype))
             # the other members' columns to exactly +0.0 (as assignment writes), in one vectorised pass:
             # index_fill_ and masked_fill_ are ~20x slower on CPU
