@@ -22,7 +22,7 @@ from .engine.node_layout import ERROR, FEATURE, LOGIT, TOKEN
 from .engine.pruning import (
     PrunedGraph,
     RemainderGroup,
-    fold_remainders,
+    Remainders,
     prune,
     remainder_influence,
 )
@@ -62,10 +62,10 @@ def trace(
     layout = result.layout
     weights = result.logits.weights.to(result.blocks[0].values.device)
     influence_before_folding = node_influence(result.blocks, layout, weights)
-    groups = fold_remainders(result.blocks, layout, features.layer, features.position, result.expanded)
-    folded_away = torch.zeros(layout.n_nodes, dtype=torch.bool)
-    for group in groups:
-        folded_away[layout.feature_node[group.features[1:]]] = True
+    remainders = Remainders(layout, features.layer, features.position, result.expanded)
+    remainders.fold(result.blocks)
+    groups = remainders.groups
+    folded_away = remainders.folded_away(layout.n_nodes)
     # without remainders folding changed nothing, so the influence already computed is the unpruned one
     unpruned = graph_scores(result.blocks, layout, weights, None if groups else influence_before_folding)
     pruned = prune(result.blocks, layout, weights, settings.node_threshold, settings.edge_threshold, folded_away,
@@ -98,7 +98,7 @@ def trace(
     if result.rounded:  # the kept edges' weights recomputed in float32 (circuits.engine.exact_edges)
         def recompute(row_ids: torch.Tensor) -> list[RowBlock]:
             blocks = result.recompute_rows(row_ids)
-            fold_remainders(blocks, layout, features.layer, features.position, result.expanded)
+            remainders.fold(blocks)
             return blocks
     graph = AttributionGraph(_build_networkx(result, pruned, groups, recompute), metadata)
     if settings.keep_unpruned:  # the whole graph, minus what the pruned one holds
