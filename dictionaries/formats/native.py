@@ -91,7 +91,7 @@ def load_native(
                 "Copy the complete directory, or convert the dictionaries again",
             )
     layers = [read_tensors(path) for path in paths]
-    return cast(build_dictionary_set(config, layers, paths, verify_values), dtype, device)
+    return cast(build_dictionary_set(config, layers, paths, verify_values, [[p] for p in paths]), dtype, device)
 
 
 def save_native(dictionaries: DictionarySet, directory: str | Path, overwrite: bool = False) -> Path:
