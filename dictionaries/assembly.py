@@ -119,12 +119,15 @@ def build_dictionary_set(
 def cast(
     dictionaries: DictionarySet, dtype: torch.dtype | None = None, device: str | torch.device | None = None
 ) -> DictionarySet:
-    """``dictionaries`` in ``dtype`` on ``device``, its config's dtype updated; unchanged (and still
-    memory-mapped) when both are None."""
+    """``dictionaries`` computing in ``dtype`` on ``device`` (None: as they are), its config's dtype updated.
+
+    Lazy: only the vectors (biases, thresholds) are converted; the matrices stay memory-mapped as stored and each
+    computation converts the slices it reads (:meth:`DictionarySet.compute_in`; ``materialize()`` converts them
+    whole)."""
     if dtype is not None and dtype != dictionaries.dtype:
         dictionaries.config.dtype = dtype_name(dtype)
     if dtype is not None or device is not None:
-        dictionaries = dictionaries.to(device=device, dtype=dtype)
+        dictionaries.compute_in(dtype, device)
     return dictionaries
 
 
