@@ -28,7 +28,7 @@ def load_model_and_dictionaries(model: str, dictionaries: str | None, dtype: str
     """Load ``model`` and ``dictionaries`` (default: the set shipped for ``model``; ``selectors`` pick the variant
     of a Gemma Scope 2 folder, and a hub id downloads only that one), checked to fit. The set is loaded in the
     model's dtype, so a set stored in bfloat16 (the shipped one) runs in float32 with a float32 model, exactly as
-    its float32 copy would."""
+    its float32 copy would (converted slice by slice as the weights are used, never copied whole)."""
     from dictionaries.formats.registry import load_dictionaries
     from dictionaries.hub import resolve_dictionary_path
     from dictionaries.models.loading import check_model_reference, load_model

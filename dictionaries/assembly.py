@@ -17,8 +17,8 @@ from .config import ActivationConfig, Architecture, DictionaryConfig, DType, dty
 from .cross_layer_transcoder import CrossLayerTranscoder
 from .dictionary_set import DictionarySet
 from .errors import DictionaryFileError
-from .safetensors_io import check_finite
 from .transcoder import TranscoderSet
+from .verified_files import check_finite_once
 
 _FIX_SHAPE = "The file does not match its config; convert the dictionaries again"
 
@@ -47,10 +47,14 @@ def check_shape(
 
 
 def validate_layer_tensors(
-    config: DictionaryConfig, layer: int, tensors: dict[str, torch.Tensor], path: str | Path, verify_values: bool = True
+    config: DictionaryConfig, layer: int, tensors: dict[str, torch.Tensor], path: str | Path,
+    verify_values: bool = True, sources: Sequence[str | Path] = (),
 ) -> None:
     """Raise DictionaryFileError (naming ``path``) for a missing, extra or misshapen tensor, a NaN or inf,
-    or a negative JumpReLU threshold."""
+    or a negative JumpReLU threshold.
+
+    ``sources``: the files the tensors are memory-mapped from. When given, the NaN/inf scan runs once per
+    version of those files (:mod:`dictionaries.verified_files`); the threshold check (at most [d_sae]) always runs."""
     shapes = expected_shapes(config, layer)
     missing = sorted(set(shapes) - set(tensors))
     if missing:
@@ -64,7 +68,7 @@ def validate_layer_tensors(
         if not tensor.is_floating_point():
             raise DictionaryFileError(path, f"tensor {name!r} has integer dtype {tensor.dtype}", _FIX_SHAPE)
     if verify_values:
-        check_finite(path, tensors)
+        check_finite_once(path, tensors, sources)
         threshold = tensors.get("threshold")
         if threshold is not None and bool((threshold < 0).any()):
             raise DictionaryFileError(
@@ -95,10 +99,15 @@ def build_dictionary_set(
     layers: Sequence[dict[str, torch.Tensor]],
     paths: Sequence[str | Path],
     verify_values: bool = True,
+    sources: Sequence[Sequence[str | Path]] | None = None,
 ) -> DictionarySet:
-    """Validate every layer's tensors (``paths[L]`` names layer L's file in messages) and build the set."""
-    for layer, (tensors, path) in enumerate(zip(layers, paths, strict=True)):
-        validate_layer_tensors(config, layer, tensors, path, verify_values)
+    """Validate every layer's tensors (``paths[L]`` names layer L's file in messages) and build the set.
+
+    ``sources`` (readers of files): per layer, the files its tensors are memory-mapped from, so that the NaN/inf
+    scan of an unchanged file is not repeated (see :func:`validate_layer_tensors`); None: scan every time."""
+    sources = sources or [()] * len(layers)
+    for layer, (tensors, path, files) in enumerate(zip(layers, paths, sources, strict=True)):
+        validate_layer_tensors(config, layer, tensors, path, verify_values, files)
     dtype = common_dtype(layers, paths)
     if dtype != config.dtype:
         raise DictionaryFileError(paths[0], f"the config says {config.dtype} but the tensors are {dtype}", _FIX_SHAPE)
@@ -110,12 +119,15 @@ def build_dictionary_set(
 def cast(
     dictionaries: DictionarySet, dtype: torch.dtype | None = None, device: str | torch.device | None = None
 ) -> DictionarySet:
-    """``dictionaries`` in ``dtype`` on ``device``, its config's dtype updated; unchanged (and still
-    memory-mapped) when both are None."""
+    """``dictionaries`` computing in ``dtype`` on ``device`` (None: as they are), its config's dtype updated.
+
+    Lazy: only the vectors (biases, thresholds) are converted; the matrices stay memory-mapped as stored and each
+    computation converts the slices it reads (:meth:`DictionarySet.compute_in`; ``materialize()`` converts them
+    whole)."""
     if dtype is not None and dtype != dictionaries.dtype:
         dictionaries.config.dtype = dtype_name(dtype)
     if dtype is not None or device is not None:
-        dictionaries = dictionaries.to(device=device, dtype=dtype)
+        dictionaries.compute_in(dtype, device)
     return dictionaries
 
 

@@ -74,7 +74,7 @@ class CrossLayerTranscoder(DictionarySet):
             out["threshold"] = threshold
         if self.W_skip is not None:
             out["W_skip"] = self.W_skip[layer]
-        return {k: v.detach() for k, v in out.items()}
+        return {k: self.computed(layer, v.detach()) for k, v in out.items()}
 
     @classmethod
     def from_layer_tensors(

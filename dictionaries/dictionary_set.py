@@ -8,6 +8,18 @@ width of the layer in question::
     encoder_weight(L)       [d_model, d_sae]     encoder_bias(L)  [d_sae]
     decoder_weight(s, t)    [d_sae_s, d_model]   for t in decoder_targets(s)
     decoder_bias(t)         [d_model]            skip_weight(L)   [d_model, d_model] or None
+
+**Where a set computes, and lazy conversion.** A set computes in the dtype and on the device of its vectors
+(the tensors of one dimension or fewer: biases and thresholds); :attr:`DictionarySet.dtype` is that dtype. The
+matrices (W_enc, W_dec, W_skip) are returned by the accessors as stored: memory-mapped from their files, and after
+:meth:`DictionarySet.compute_in` (what :func:`~dictionaries.assembly.cast` calls) possibly in another dtype or
+on another device. Every computation converts only what it reads, rounded to the set's dtype exactly as an eager
+conversion would: :meth:`~DictionarySet.project` converts a matrix a block of columns at a time (at most
+:data:`MAX_CONVERTED_BYTES`), :meth:`~DictionarySet.computed` a slice (decoder rows of active features, encoder
+columns), and :meth:`~DictionarySet.layer_tensors` one layer for a save. So a float32 set loaded with
+``dtype=torch.bfloat16`` keeps its float32 memory maps instead of holding a bfloat16 copy of every weight.
+:meth:`~DictionarySet.materialize` converts the matrices for good: code that edits parameters (the least-squares
+refit) calls it; the trainer never edits a set (it trains its own parameters and builds a set at the end).
 """
 
 from __future__ import annotations
@@ -21,6 +33,9 @@ from torch import nn
 from .activations import Activation
 from .config import DictionaryConfig, Kind
 from .errors import DictionaryMismatchError
+
+MAX_CONVERTED_BYTES = 256 * 2**20
+"""The most bytes of converted weights :meth:`DictionarySet.project` holds at once."""
 
 
 class DictionarySet(nn.Module, ABC):
@@ -51,7 +66,8 @@ class DictionarySet(nn.Module, ABC):
 
     @abstractmethod
     def layer_tensors(self, layer: int) -> dict[str, torch.Tensor]:
-        """The native file's tensors of one layer: W_enc, b_enc, W_dec, b_dec, [threshold], [W_skip]."""
+        """The native file's tensors of one layer: W_enc, b_enc, W_dec, b_dec, [threshold], [W_skip], in the set's
+        dtype on its device (matrices stored otherwise are converted whole, one layer per call)."""
 
     # --- shape ---------------------------------------------------------------------------------------
     @property
@@ -76,13 +92,71 @@ class DictionarySet(nn.Module, ABC):
 
     @property
     def dtype(self) -> torch.dtype:
+        """The dtype the set computes in (that of its vectors; its matrices may be stored in another)."""
         return self.encoder_bias(0).dtype
+
+    # --- where it computes ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def compute_in(self, dtype: torch.dtype | None = None, device: str | torch.device | None = None) -> None:
+        """Compute in ``dtype`` on ``device`` from now on (None: unchanged). Converts the vectors (tensors of one
+        dimension or fewer: biases, thresholds, at most [d_sae] per layer) now and leaves the matrices as they are
+        stored; see the module docstring."""
+        for module in self.modules():
+            for param in module.parameters(recurse=False):
+                if param.ndim <= 1:
+                    param.data = param.data.to(device=device, dtype=dtype if param.is_floating_point() else None)
+            for name, buffer in module.named_buffers(recurse=False):
+                if buffer.ndim <= 1:
+                    setattr(module, name, buffer.to(device=device, dtype=dtype if buffer.is_floating_point() else None))
+
+    def materialize(self) -> DictionarySet:
+        """Convert the matrices to the set's dtype and device now (copying them out of their memory maps when that
+        changes them), so that every parameter is what the set computes with; returns the set."""
+        bias = self.encoder_bias(0)
+        return self.to(device=bias.device, dtype=bias.dtype)
+
+    def computed(self, layer: int, tensor: torch.Tensor) -> torch.Tensor:
+        """``tensor`` (a slice of one of ``layer``'s matrices) in the set's dtype on its device: a copy of that
+        slice only, or ``tensor`` itself when it already is."""
+        bias = self.encoder_bias(layer)
+        return tensor.to(device=bias.device, dtype=bias.dtype)
+
+    def project(self, layer: int, x: torch.Tensor, weight: torch.Tensor, dtype: torch.dtype | None = None
+                ) -> torch.Tensor:
+        """x [..., k] @ weight [k, n] -> [..., n] in ``dtype`` (default: the set's) on the set's device.
+
+        ``weight`` is one of ``layer``'s matrices as stored; it is rounded to the set's dtype (then taken to
+        ``dtype``) as an eager conversion would, a block of columns at a time, so that at most
+        :data:`MAX_CONVERTED_BYTES` of converted weights exist at once (all of it in one block when it fits, or
+        when nothing needs converting)."""
+        bias = self.encoder_bias(layer)
+        dtype = dtype or bias.dtype
+        x = x.to(device=bias.device, dtype=dtype)
+        if weight.device == bias.device and weight.dtype == bias.dtype == dtype:
+            return x @ weight
+
+        def converted(block: torch.Tensor) -> torch.Tensor:
+            return block.to(device=bias.device, dtype=bias.dtype).to(dtype)
+
+        per_column = weight.shape[0] * (bias.dtype.itemsize + dtype.itemsize)
+        step = max(1, MAX_CONVERTED_BYTES // per_column)
+        if step >= weight.shape[1]:
+            return x @ converted(weight)
+        out = x.new_empty(*x.shape[:-1], weight.shape[1])
+        for start in range(0, weight.shape[1], step):
+            out[..., start:start + step] = x @ converted(weight[:, start:start + step])
+        return out
 
     # --- computation ---------------------------------------------------------------------------------
     def pre_activations(self, layer: int, x: torch.Tensor) -> torch.Tensor:
-        """x [..., d_model] -> encoder pre-activations [..., d_sae] = x @ W_enc + b_enc."""
-        w = self.encoder_weight(layer)
-        return x.to(w.dtype) @ w + self.encoder_bias(layer)
+        """x [..., d_model] -> encoder pre-activations [..., d_sae] = x @ W_enc + b_enc, on the set's device."""
+        return self.project(layer, x, self.encoder_weight(layer)) + self.encoder_bias(layer)
+
+    def encoder_columns(self, layer: int, index: torch.Tensor) -> torch.Tensor:
+        """The encoder directions W_enc[:, index] [d_model, k] of features ``index`` [k], in the set's dtype on its
+        device (only these columns are read)."""
+        weight = self.encoder_weight(layer)
+        return self.computed(layer, weight[:, index.to(weight.device)])
 
     def encode(self, layer: int, x: torch.Tensor) -> torch.Tensor:
         """x [..., d_model] -> feature activations [..., d_sae]."""
@@ -103,7 +177,7 @@ class DictionarySet(nn.Module, ABC):
         writes: list[torch.Tensor | float] = [0.0] * self.n_layers
         for source, feats in enumerate(features):
             for target in self.decoder_targets(source):
-                writes[target] = writes[target] + feats @ self.decoder_weight(source, target)
+                writes[target] = writes[target] + self.project(source, feats, self.decoder_weight(source, target))
         return [self.layer_output(t, writes[t], None if inputs is None else inputs[t]) for t in range(self.n_layers)]
 
     def layer_output(self, layer: int, writes: torch.Tensor, x: torch.Tensor | None = None) -> torch.Tensor:
@@ -117,7 +191,7 @@ class DictionarySet(nn.Module, ABC):
         if skip is not None:
             if x is None:
                 raise ValueError(f"layer {layer} has a skip path: its output needs the layer input")
-            out = out + (x.to(device=skip.device, dtype=writes.dtype) @ skip.to(writes.dtype)).to(writes.device)
+            out = out + self.project(layer, x, skip, writes.dtype).to(writes.device)
         return out
 
     def forward(self, inputs: Sequence[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:

@@ -25,9 +25,10 @@ from .dictionary_set import DictionarySet
 def decoder_rows(dicts: DictionarySet, source: int, target: int, index: torch.Tensor, activation: torch.Tensor,
                  dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Rows ``activation[k] * W_dec[source -> target][index[k]]`` [m, d] (index, activation [m]), on
-    ``activation``'s device in ``dtype``; only these m rows of the decoder are read."""
+    ``activation``'s device in ``dtype`` (rounded to the set's dtype first); only these m rows of the decoder are
+    read and converted."""
     weight = dicts.decoder_weight(source, target)
-    rows = weight[index.to(weight.device)].to(device=activation.device, dtype=dtype)
+    rows = dicts.computed(source, weight[index.to(weight.device)]).to(device=activation.device, dtype=dtype)
     return rows * activation.to(dtype)[:, None]
 
 
@@ -66,7 +67,7 @@ class ReplacementMlp:
         """Write dense activations ``features`` [..., P, d_sae] of layer ``source`` (reads whole decoders)."""
         for target in self.dicts.decoder_targets(source):
             weight = self.dicts.decoder_weight(source, target)
-            self.writes[target] += (features.to(weight.dtype) @ weight).to(self.dtype)
+            self.writes[target] += self.dicts.project(source, features, weight).to(self.dtype)
 
     def output(self, layer: int, x: torch.Tensor | None, error: torch.Tensor | None = None,
                clean: torch.Tensor | None = None) -> torch.Tensor:

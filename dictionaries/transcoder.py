@@ -48,9 +48,14 @@ class Transcoder(nn.Module):
     def d_out(self) -> int:
         return self.W_dec.shape[1]
 
+    def _computed(self, weight: torch.Tensor) -> torch.Tensor:
+        """``weight`` whole in the dtype and on the device of the biases (a set's methods convert in blocks; see
+        :mod:`dictionaries.dictionary_set`)."""
+        return weight.to(device=self.b_enc.device, dtype=self.b_enc.dtype)
+
     def pre_activations(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., d_in] -> [..., d_sae]."""
-        return x.to(self.W_enc.dtype) @ self.W_enc + self.b_enc
+        return x.to(self.b_enc.dtype) @ self._computed(self.W_enc) + self.b_enc
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., d_in] -> sparse feature activations [..., d_sae]."""
@@ -58,11 +63,11 @@ class Transcoder(nn.Module):
 
     def decode(self, features: torch.Tensor, x: torch.Tensor | None = None) -> torch.Tensor:
         """features [..., d_sae] (and x [..., d_in] when there is a skip path) -> output [..., d_out]."""
-        out = features @ self.W_dec + self.b_dec
+        out = features @ self._computed(self.W_dec) + self.b_dec
         if self.W_skip is not None:
             if x is None:
                 raise ValueError("this transcoder has a skip path: decode needs its input x")
-            out = out + x.to(self.W_skip.dtype) @ self.W_skip
+            out = out + x.to(self.b_enc.dtype) @ self._computed(self.W_skip)
         return out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -111,7 +116,7 @@ class TranscoderSet(DictionarySet):
             out["threshold"] = threshold
         if tc.W_skip is not None:
             out["W_skip"] = tc.W_skip
-        return {k: v.detach() for k, v in out.items()}
+        return {k: self.computed(layer, v.detach()) for k, v in out.items()}
 
     @classmethod
     def from_layer_tensors(cls, config: DictionaryConfig, layers: Sequence[dict[str, torch.Tensor]]) -> TranscoderSet:

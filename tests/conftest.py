@@ -149,6 +149,15 @@ def make_tiny_checkpoint(directory: Path, multimodal: bool = False, seed: int = 
     return directory
 
 
+@pytest.fixture(scope="session", autouse=True)
+def verified_files_record(tmp_path_factory) -> Iterator[Path]:
+    """Loads record the files they scanned for NaN/inf in this session's record, never in the user's cache."""
+    path = tmp_path_factory.mktemp("verified") / "verified_files.json"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("CIRCUITSCOPE_VERIFIED_FILES", str(path))
+        yield path
+
+
 @pytest.fixture(scope="session")
 def make_tiny_lm(tmp_path_factory):
     """Factory fixture: ``make_tiny_lm(multimodal=False, seed=0, name=None, **overrides) -> LoadedModel``."""

@@ -95,9 +95,8 @@ class EncoderVectors:
         layers = self.features.layer[ids]
         for layer in layers.unique().tolist():
             here = (layers == layer).nonzero().flatten()
-            weight = self.dicts.encoder_weight(layer)
-            columns = self.features.index[ids[here]].to(weight.device)
-            out[here] = weight[:, columns].T.float().to(self.device)
+            columns = self.dicts.encoder_columns(layer, self.features.index[ids[here]])
+            out[here] = columns.T.float().to(self.device)
         return out
 
 

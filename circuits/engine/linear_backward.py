@@ -65,7 +65,7 @@ class FrozenLinearBackward:
                 s_in=norm.scale(lm.layer_module(index, arch.attention_norm), record.r_input, here),
                 s_post=None if output_norm is None else norm.scale(output_norm, record.r_post_attention, here),
                 s_pre=norm.scale(lm.mlp_input_module(index), record.r_pre_feedforward, here) * live,
-                W_skip_T=None if skip is None else _f32(skip, here).T.contiguous(),
+                W_skip_T=None if skip is None else _f32(dicts.computed(index, skip), here).T.contiguous(),
             ))
         self.s_final = norm.scale(lm.final_norm, clean.r_final, device)
 

@@ -103,11 +103,12 @@ def _load_per_layer(files: dict[int, Path], verify_values: bool) -> DictionarySe
             tensors["W_skip"] = raw["W_skip"].T
         layers.append(tensors)
         paths.append(path)
-    return build_dictionary_set(_config("per-layer", first, layers, paths), layers, paths, verify_values)
+    sources = [[p] for p in paths]
+    return build_dictionary_set(_config("per-layer", first, layers, paths), layers, paths, verify_values, sources)
 
 
 def _load_clt(path: Path, n_layers: int, verify_values: bool) -> DictionarySet:
-    layers, paths, first, layer_0 = [], [], {}, None
+    layers, paths, sources, first, layer_0 = [], [], [], {}, None
     for i in range(n_layers):
         enc_path, dec_path = path / f"W_enc_{i}.safetensors", path / f"W_dec_{i}.safetensors"
         if not dec_path.is_file():
@@ -133,7 +134,8 @@ def _load_clt(path: Path, n_layers: int, verify_values: bool) -> DictionarySet:
             tensors["W_skip"] = raw[f"W_skip_{i}"]
         layers.append(tensors)
         paths.append(enc_path)
-    return build_dictionary_set(_config("cross-layer", first, layers, paths), layers, paths, verify_values)
+        sources.append([enc_path, dec_path])
+    return build_dictionary_set(_config("cross-layer", first, layers, paths), layers, paths, verify_values, sources)
 
 
 def _config(

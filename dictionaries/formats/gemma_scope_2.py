@@ -202,7 +202,7 @@ def _build(
         d_model=layers[0]["W_enc"].shape[0], widths=[t["W_enc"].shape[1] for t in layers],
         activation=ActivationConfig(type="jumprelu"), dtype=dtype, source_format="gemma-scope-2", metadata=metadata,
     )
-    return build_dictionary_set(config, layers, paths, verify_values)
+    return build_dictionary_set(config, layers, paths, verify_values, [[p] for p in paths])
 
 
 def _load_per_layer(path: Path, chosen: list[LayerFolder], verify_values: bool) -> DictionarySet:

@@ -78,9 +78,9 @@ def load_native(
     device: str | torch.device | None = None,
     verify_values: bool = True,
 ) -> DictionarySet:
-    """Load a native dictionary directory. Tensors stay memory-mapped unless ``dtype`` or ``device``
-    asks for a conversion. ``verify_values=False`` skips the NaN/inf and threshold scan (which reads
-    every weight once) for very large sets."""
+    """Load a native dictionary directory. Tensors stay memory-mapped; ``dtype`` and ``device`` say where
+    the set computes (converted lazily, see :func:`~dictionaries.assembly.cast`). ``verify_values=False`` skips
+    the NaN/inf and threshold checks (the NaN/inf scan reads every weight, once per version of each file)."""
     directory = Path(directory)
     config = read_config(directory)
     paths = [directory / layer_file(layer) for layer in range(config.n_layers)]
@@ -91,7 +91,7 @@ def load_native(
                 "Copy the complete directory, or convert the dictionaries again",
             )
     layers = [read_tensors(path) for path in paths]
-    return cast(build_dictionary_set(config, layers, paths, verify_values), dtype, device)
+    return cast(build_dictionary_set(config, layers, paths, verify_values, [[p] for p in paths]), dtype, device)
 
 
 def save_native(dictionaries: DictionarySet, directory: str | Path, overwrite: bool = False) -> Path:

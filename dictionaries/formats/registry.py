@@ -84,7 +84,8 @@ def load_dictionaries(
 ) -> DictionarySet:
     """Load the dictionaries at ``path`` in ``format`` (detected when None) into the native layout.
 
-    Tensors stay memory-mapped unless ``dtype`` or ``device`` asks for a conversion. ``selectors``
+    Tensors stay memory-mapped; ``dtype`` and ``device`` say where the set computes, and weights are converted
+    slice by slice as they are used (:func:`~dictionaries.assembly.cast`). ``selectors``
     (Gemma Scope 2: ``width``, ``l0``, ``affine``) pick among several variants of one layer in a directory.
     """
     path = Path(path)

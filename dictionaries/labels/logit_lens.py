@@ -18,7 +18,7 @@ def decoder_directions(dicts: DictionarySet, layer: int) -> torch.Tensor:
     """[F, d_model] float32: each feature's decoder rows summed over the layers it writes to."""
     total = None
     for target in dicts.decoder_targets(layer):
-        rows = dicts.decoder_weight(layer, target).float()
+        rows = dicts.computed(layer, dicts.decoder_weight(layer, target)).float()
         total = rows.clone() if total is None else total + rows
     assert total is not None
     return total

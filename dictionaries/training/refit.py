@@ -37,6 +37,7 @@ def refit_decoders(dicts: DictionarySet, lm: LoadedModel, contexts: torch.Tensor
     if dicts.dtype != torch.float32:
         raise CircuitscopeError(f"refit a float32 copy of the set (it is {dicts.dtype}); load it with dtype=float32")
     dicts.check_fits(lm.n_layers, lm.d_model, lm.name)
+    dicts.materialize()  # the parameters edited below must be the float32 ones the set computes with
     n_layers, d = dicts.n_layers, dicts.d_model
     sizes = [w + (d if dicts.has_skip else 0) + 1 for w in dicts.widths]
     gram = [torch.zeros(p, p, dtype=torch.float64) for p in sizes]
