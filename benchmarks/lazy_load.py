@@ -128,9 +128,12 @@ def main() -> None:
                   f"{figures['encode_s']:5.2f} s ({figures['active']} active), RssAnon after "
                   f"{figures['rss_anon_encoded'] / 2**20:7.1f} MiB  [{figures['code']}]")
     finally:
-        if not args.keep:
-            shutil.rmtree(work, ignore_errors=True)
-            if wrote and args.set is not None:
+        if args.set is None:
+            if not args.keep:
+                shutil.rmtree(work, ignore_errors=True)  # the set and the record
+        else:
+            shutil.rmtree(work, ignore_errors=True)  # the record only
+            if wrote and not args.keep:
                 shutil.rmtree(args.set, ignore_errors=True)
 
 
