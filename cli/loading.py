@@ -41,6 +41,7 @@ def load_model_and_dictionaries(model: str, dictionaries: str | None, dtype: str
     lm = load_model(model, dtype=dtype, device=device)
     selectors = dict(selectors or {})
     local = Path(resolve_dictionary_path(dictionaries, **selectors))
-    dicts = load_dictionaries(local, dtype=lm.dtype, **selectors)
+    # on a GPU the set computes there while its matrices stay mapped on the CPU (docs/design.md §7)
+    dicts = load_dictionaries(local, dtype=lm.dtype, device=lm.device, **selectors)
     dicts.check_fits(lm.n_layers, lm.d_model, lm.name)
     return ModelAndDictionaries(lm, dicts, dictionaries, local)
