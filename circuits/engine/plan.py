@@ -221,13 +221,14 @@ def _adjacency_bytes(widths: torch.Tensor, n_expanded: int, n_logits: int, n_sou
 def _row_work(feature_layers: torch.Tensor, feature_positions: torch.Tensor, n_expanded: int, batch: int) -> float:
     """Sum over the computed rows of (layers passed) x (positions spanned): a row of layer l passes l + 1 layers,
     and a batch's gradient rows span the positions up to its latest target. Without a budget the batches are
-    known (features in order); a budget's are not, and each is taken to span every position."""
+    known (features in order); a budget's are not: its rows are taken as a sample of the features, each batch
+    spanning about its rows' own positions (the ranking windows are batched by position)."""
     depth = feature_layers.cpu().float() + 1
     if len(depth) == 0:
         return 0.0
     positions = feature_positions.cpu()
     if n_expanded < len(depth):
-        return float(depth.mean()) * n_expanded * (int(positions.max()) + 1)
+        return float(depth.mean()) * n_expanded * float((positions + 1).float().mean())
     which = torch.arange(len(depth)) // batch
     span = torch.zeros(int(which[-1]) + 1, dtype=torch.long).scatter_reduce(0, which, positions + 1, "amax")
     return float((depth * span[which]).sum())
