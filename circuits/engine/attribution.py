@@ -27,7 +27,6 @@ from .influence import node_influence
 from .linear_backward import FrozenLinearBackward
 from .node_layout import NodeLayout, build_layout
 from .plan import (
-    FLOAT,
     STORAGE_DTYPES,
     Calibration,
     TraceDoesNotFit,
@@ -178,10 +177,7 @@ def _plan(lm: LoadedModel, prepared: _Prepared, settings: TraceSettings) -> Trac
     calibration = _calibrate(prepared, min(settings.batch_size, _PROBE_ROWS), device)
     plan = make_plan(prepared.layout, features.layer, features.position, len(prepared.logits.labels), lm.d_model,
                      n_heads * head_dim, settings.batch_size, settings.max_features, device, calibration,
-                     settings.memory_limit, storage=settings.adjacency,
-                     # a cross-layer set writes a feature into several layers: its groups hold every write
-                     extra_working_bytes=2 * FLOAT * lm.d_model * max(0, sum(
-                         len(w.feature) for w in prepared.replacement.writes) - len(features)))
+                     settings.memory_limit, storage=settings.adjacency)
     prepared.timings["plan"] = time.perf_counter() - start
     return plan
 

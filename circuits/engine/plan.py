@@ -6,8 +6,8 @@ What is counted (bytes; P positions, d = d_model, N active features, S = sources
     adjacency     sum over computed rows of the row's width (its source prefix) x 4         (float32 rows)
                   no budget: exact from the layout; a budget of K: K x the mean feature-row width (the rows chosen
                   by influence are not known in advance) + the logit rows
-    working       the sources' vectors grouped by position (decoder writes and errors, [N + errors, d], padded
-                  at most 2x) x 4
+    working       what the caller will still allocate besides rows (nothing in a trace: the sources' vectors
+                  grouped by position are built before the plan, so they are in "already held")
     batch         one batch of rows in flight: ~6 gradient-sized buffers [B, P, max(d, heads x head_dim)] and
                   the row buffer [B, S], x 4
     pruning       the copies pruning makes of the rows it keeps (kept rows and their edge scores): 2 x adjacency
@@ -259,11 +259,10 @@ def make_plan(
     n_expanded = n_features if budget is None else min(budget, n_features)
     P = int(layout.token_node.shape[0])
     n_sources = layout.n_sources
-    n_errors = int((layout.error_node >= 0).sum())
     widths = _row_widths(layout, feature_layers)
     held = memory_held(device)
     available = memory_available(device, memory_limit)
-    working = (n_features + n_errors) * 2 * d_model * FLOAT + extra_working_bytes
+    working = extra_working_bytes
     per_row = (_GRADIENT_BUFFERS * P * max(d_model, head_width) + n_sources) * FLOAT
 
     def estimate(expanded: int, element: int) -> tuple[int, int, int]:
