@@ -68,8 +68,10 @@ def trace(
     folded_away = remainders.folded_away(layout.n_nodes)
     # without remainders folding changed nothing, so the influence already computed is the unpruned one
     unpruned = graph_scores(result.blocks, layout, weights, None if groups else influence_before_folding)
+    rounded = result.rounded  # (read before pruning consumes the rows; keep_unpruned keeps them for the file)
     pruned = prune(result.blocks, layout, weights, settings.node_threshold, settings.edge_threshold, folded_away,
-                   influence=remainder_influence(influence_before_folding, layout, groups))
+                   influence=remainder_influence(influence_before_folding, layout, groups),
+                   consume=not settings.keep_unpruned)
     kept = graph_scores(pruned.blocks, layout, weights)
     result.timings["prune"] = time.perf_counter() - start - sum(result.timings.values())
     result.timings["total"] = time.perf_counter() - start
@@ -95,7 +97,7 @@ def trace(
             seconds=round(result.plan.seconds, 3), batch_size=result.plan.batch_size),
     )
     recompute = None
-    if result.rounded:  # the kept edges' weights recomputed in float32 (circuits.engine.exact_edges)
+    if rounded:  # the kept edges' weights recomputed in float32 (circuits.engine.exact_edges)
         def recompute(row_ids: torch.Tensor) -> list[RowBlock]:
             blocks = result.recompute_rows(row_ids)
             remainders.fold(blocks)

@@ -143,11 +143,12 @@ def test_sizes_are_printed_readably():
 def test_rows_are_stored_in_bfloat16_only_when_float32_would_not_fit(tiny_lm, dicts, monkeypatch):
     full = plan_attribution(tiny_lm, dicts, PROMPT)
     assert full.storage == "float32"
-    # room for the rows in bfloat16 (half the adjacency, and pruning's copies of them), not in float32
+    # room for the rows in bfloat16 (half the adjacency) and one row in flight, not for float32 rows
     per_row = full.batch_bytes // full.batch_size
+    one_row = max(per_row, 3 * max(1, full.n_logits) * full.n_sources * 4)  # a batch of 1, or pruning's blocks
     half = full.adjacency_bytes // 2
-    assert 2 * half > per_row
-    _room(monkeypatch, full.working_bytes + half + max(per_row, 2 * half))
+    assert half > 1024
+    _room(monkeypatch, full.working_bytes + half + one_row + 1024)
     squeezed = plan_attribution(tiny_lm, dicts, PROMPT)
     assert squeezed.storage == "bfloat16" and squeezed.fits
     assert squeezed.adjacency_bytes == full.adjacency_bytes // 2
@@ -199,3 +200,22 @@ def test_a_schema_3_file_with_timings_in_its_metadata_still_loads(tiny_lm, dicts
     (tmp_path / "old.json").write_text(json.dumps(raw))
     old = AttributionGraph.load(tmp_path / "old.json")
     assert old.metadata.timings["total"] > 0 and old.metadata.plan is None
+
+
+def test_pruning_that_consumes_the_rows_gives_the_same_graph_and_frees_them(tiny_lm, dicts):
+    from circuits.engine.influence import node_influence
+    from circuits.engine.pruning import prune
+
+    result = attribute(tiny_lm, dicts, PROMPT)
+    weights = result.logits.weights
+    influence = node_influence(result.blocks, result.layout, weights)
+    away = torch.zeros(result.layout.n_nodes, dtype=torch.bool)
+    graphs = {}
+    for consume in (False, True):
+        blocks = [type(b)(b.rows.clone(), b.values.clone()) for b in result.blocks]
+        graphs[consume] = prune(blocks, result.layout, weights, 0.8, 0.98, away, influence, consume=consume)
+        assert (blocks == []) == consume  # consumed: the caller's list no longer holds the rows
+    a, b = graphs[False], graphs[True]
+    assert torch.equal(a.node_mask, b.node_mask) and len(a.blocks) == len(b.blocks)
+    for x, y in zip(a.blocks, b.blocks, strict=True):
+        assert torch.equal(x.rows, y.rows) and torch.equal(x.values, y.values)

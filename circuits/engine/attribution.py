@@ -177,7 +177,7 @@ def _plan(lm: LoadedModel, prepared: _Prepared, settings: TraceSettings) -> Trac
     calibration = _calibrate(prepared, min(settings.batch_size, _PROBE_ROWS), device)
     plan = make_plan(prepared.layout, features.layer, features.position, len(prepared.logits.labels), lm.d_model,
                      n_heads * head_dim, settings.batch_size, settings.max_features, device, calibration,
-                     settings.memory_limit, storage=settings.adjacency)
+                     settings.memory_limit, storage=settings.adjacency, keep_unpruned=settings.keep_unpruned)
     prepared.timings["plan"] = time.perf_counter() - start
     return plan
 

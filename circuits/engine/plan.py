@@ -10,7 +10,9 @@ What is counted (bytes; P positions, d = d_model, N active features, S = sources
                   grouped by position are built before the plan, so they are in "already held")
     batch         one batch of rows in flight: ~6 gradient-sized buffers [B, P, max(d, heads x head_dim)] and
                   the row buffer [B, S], x 4
-    pruning       the copies pruning makes of the rows it keeps (kept rows and their edge scores): 2 x adjacency
+    pruning       pruning copies the rows it keeps block by block, freeing each block as it goes, and scores one
+                  block at a time in float32: ~3 blocks of [B, S] x 4; with keep_unpruned the rows stay for the
+                  file, so up to the whole adjacency again
     (rows are stored in float32, or in bfloat16 when only that fits: half the adjacency; see exact_edges.py)
     already held  what the process holds now (model, dictionaries' resident copies, the clean run): RssAnon on a
                   CPU, torch.cuda.memory_allocated on a GPU; measured, not estimated
@@ -45,7 +47,7 @@ FLOAT = 4  # bytes of a float32
 Storage = Literal["auto", "float32", "bfloat16"]
 STORAGE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 _GRADIENT_BUFFERS = 6  # gradient rows and the attention backward's temporaries alive at once (see linear_backward)
-_PRUNING_COPIES = 2  # rows kept by pruning and their edge scores
+_PRUNING_BLOCKS = 3  # blocks alive at once while pruning: the block, its kept copy, its float32 edge scores
 _SAFETY = 0.9  # use at most this share of the memory available
 _SWEEP_PASSES = 15  # passes over the adjacency: ranking sweeps (a budget) + influence, folding, pruning, scores
 
@@ -248,6 +250,7 @@ def make_plan(
     memory_limit: int | None = None,
     extra_working_bytes: int = 0,
     storage: Storage = "auto",
+    keep_unpruned: bool = False,
 ) -> TracePlan:
     """The plan for attributing ``layout``'s features (``feature_layers``, ``feature_positions`` [N] long) and
     ``n_logits`` logit rows.
@@ -269,7 +272,9 @@ def make_plan(
         adjacency = _adjacency_bytes(widths, expanded, n_logits, n_sources, element)
         room = available.bytes - working - adjacency
         batch = max(1, min(max_batch, room // per_row if room > 0 else 1))
-        return adjacency, int(batch), adjacency * _PRUNING_COPIES
+        block_rows = max(int(batch), n_logits)  # a block holds one batch's rows of one layer (or the logit rows)
+        pruning = _PRUNING_BLOCKS * block_rows * n_sources * FLOAT + (adjacency if keep_unpruned else 0)
+        return adjacency, int(batch), pruning
 
     def fits(expanded: int, element: int) -> bool:
         adjacency, batch, pruning = estimate(expanded, element)

@@ -164,11 +164,14 @@ class PrunedGraph:
 
 
 def prune(blocks: list[RowBlock], layout: NodeLayout, weights: torch.Tensor, node_threshold: float,
-          edge_threshold: float, folded_away: torch.Tensor, influence: torch.Tensor | None = None) -> PrunedGraph:
+          edge_threshold: float, folded_away: torch.Tensor, influence: torch.Tensor | None = None,
+          consume: bool = False) -> PrunedGraph:
     """Prune (see the module docstring). ``folded_away`` [n_nodes] bool marks nodes merged into remainders.
 
     ``influence`` [n_nodes] overrides the node influence used to choose nodes (see
-    :func:`remainder_influence`); by default it is computed from ``blocks``."""
+    :func:`remainder_influence`); by default it is computed from ``blocks``. ``consume``: ``blocks`` is emptied as
+    its rows are copied into the pruned graph, so each block is freed once its kept rows are copied (the memory
+    peak is the rows plus one block, not the rows plus all their kept copies)."""
     device = weights.device
     if influence is None:
         influence = node_influence(blocks, layout, weights)
@@ -182,15 +185,20 @@ def prune(blocks: list[RowBlock], layout: NodeLayout, weights: torch.Tensor, nod
     keep &= ~folded_away.to(device)
     targets = layout.target_nodes.to(device)
 
-    def restrict(source_blocks):
+    def restrict(source_blocks: list[RowBlock], consume: bool) -> list[RowBlock]:
         kept = []
-        for block in source_blocks:
+        for i, block in enumerate(source_blocks):
+            if consume:
+                source_blocks[i] = None  # type: ignore[call-overload]  # the list no longer holds the block
             rows = keep[targets[block.rows]]
             if rows.any():
                 kept.append(RowBlock(block.rows[rows], block.values[rows] * keep[: block.width]))
+            del block
+        if consume:
+            source_blocks.clear()
         return kept
 
-    pruned = restrict(blocks)
+    pruned = restrict(blocks, consume)
     pruned_influence = node_influence(pruned, layout, weights)
     own = torch.zeros(layout.n_nodes, device=device)
     own[layout.logit_node.to(device)] = weights
@@ -209,5 +217,5 @@ def prune(blocks: list[RowBlock], layout: NodeLayout, weights: torch.Tensor, nod
     reaching = _reaching_logits(pruned, keep, kind == FEATURE, targets)
     if not torch.equal(reaching, keep):
         keep = reaching
-        pruned = restrict(pruned)
+        pruned = restrict(pruned, True)
     return PrunedGraph(pruned, keep, influence)
