@@ -36,12 +36,17 @@ def kept_edges(
     target, source, weight = torch.cat(targets), torch.cat(sources), torch.cat(weights)
     if recompute is None:
         return target, source, weight
-    slot = torch.full((n_targets,), -1, dtype=torch.long)
+    # the edges grouped by target once, so that each recomputed block reads only its own rows' edges
+    order = torch.argsort(target, stable=True)
+    count = torch.bincount(target, minlength=n_targets)  # [n_targets] kept edges of each target row
+    first = torch.cumsum(count, 0) - count  # [n_targets] where its edges start in ``order``
     for chunk in target.unique().split(batch_size):
         for block in recompute(chunk):
-            slot[block.rows.cpu()] = torch.arange(len(block.rows))
-            here = (slot[target] >= 0).nonzero().flatten()
-            values = block.values.cpu()
-            weight[here] = values[slot[target[here]], source[here]]
-            slot[block.rows.cpu()] = -1
+            rows = block.rows.cpu()
+            per_row = count[rows]
+            local = torch.repeat_interleave(torch.arange(len(rows)), per_row)  # the block row of each edge
+            offset = torch.arange(int(per_row.sum())) - torch.repeat_interleave(torch.cumsum(per_row, 0) - per_row,
+                                                                                 per_row)
+            edges = order[first[rows][local] + offset]
+            weight[edges] = block.values.cpu()[local, source[edges]]
     return target, source, weight
