@@ -210,7 +210,7 @@ class MemorySampler:
 
 
 def plan_estimate(metadata) -> dict | None:
-    """The plan's estimate for a traced case (None when the trace recorded no plan): peak bytes (held + working
+    """The plan's estimate for a traced case (None when the trace recorded no plan): peak bytes (held
     + adjacency + max(batch, pruning); RssAnon terms on a CPU) and seconds of attribution and pruning."""
     plan = getattr(metadata, "plan", None)
     if plan is None:

@@ -6,8 +6,6 @@ What is counted (bytes; P positions, d = d_model, N active features, S = sources
     adjacency     sum over computed rows of the row's width (its source prefix) x 4         (float32 rows)
                   no budget: exact from the layout; a budget of K: K x the mean feature-row width (the rows chosen
                   by influence are not known in advance) + the logit rows
-    working       what the caller will still allocate besides rows (nothing in a trace: the sources' vectors
-                  grouped by position are built before the plan, so they are in "already held")
     batch         one batch of rows in flight: ~6 gradient-sized buffers [B, P, max(d, heads x head_dim)] and
                   the row buffer [B, S], x 4
     pruning       pruning copies the rows it keeps block by block, freeing each block as it goes, and scores one
@@ -17,7 +15,7 @@ What is counted (bytes; P positions, d = d_model, N active features, S = sources
     already held  what the process holds now (model, dictionaries' resident copies, the clean run): RssAnon on a
                   CPU, torch.cuda.memory_allocated on a GPU; measured, not estimated
 
-    peak = already held + working + adjacency + max(batch, pruning)
+    peak = already held + adjacency + max(batch, pruning)
 
 The memory this trace may use is the smallest of: the memory available now (MemAvailable on Linux, or a GPU's free
 memory), the cgroup limit, and ``TraceSettings.memory_limit``. The batch size shrinks (down to 1) when a batch would
@@ -162,7 +160,6 @@ class TracePlan:
     n_sources: int
     batch_size: int
     adjacency_bytes: int
-    working_bytes: int
     batch_bytes: int
     pruning_bytes: int
     held_bytes: int
@@ -173,7 +170,7 @@ class TracePlan:
 
     @property
     def peak_bytes(self) -> int:
-        return self.held_bytes + self.working_bytes + self.adjacency_bytes + max(self.batch_bytes, self.pruning_bytes)
+        return self.held_bytes + self.adjacency_bytes + max(self.batch_bytes, self.pruning_bytes)
 
     @property
     def fits(self) -> bool:
@@ -188,7 +185,7 @@ class TracePlan:
             f"rows to compute {rows}{budget}, over up to {self.n_sources:,} sources",
             f"batch size      {self.batch_size}, rows stored in {self.storage}",
             f"memory          peak {format_bytes(self.peak_bytes)} = held {format_bytes(self.held_bytes)} + "
-            f"adjacency {format_bytes(self.adjacency_bytes)} + working {format_bytes(self.working_bytes)} + "
+            f"adjacency {format_bytes(self.adjacency_bytes)} + "
             f"max(batch {format_bytes(self.batch_bytes)}, pruning {format_bytes(self.pruning_bytes)})",
             f"may use         {format_bytes(self.available.bytes)} more ({self.available.source})",
             f"time            about {self.seconds:.0f} s for attribution and pruning",
@@ -248,7 +245,6 @@ def make_plan(
     device: torch.device,
     calibration: Calibration,
     memory_limit: int | None = None,
-    extra_working_bytes: int = 0,
     storage: Storage = "auto",
     keep_unpruned: bool = False,
 ) -> TracePlan:
@@ -256,7 +252,7 @@ def make_plan(
     ``n_logits`` logit rows.
 
     ``head_width`` is heads x head_dim; ``budget`` the feature budget (None: every feature); ``max_batch`` the
-    batch size asked for. ``extra_working_bytes`` counts memory the caller will still allocate. ``storage``: the
+    batch size asked for. ``storage``: the
     dtype of the stored rows; "auto" stores float32 when it fits and bfloat16 when only that fits."""
     n_features = len(feature_layers)
     n_expanded = n_features if budget is None else min(budget, n_features)
@@ -265,12 +261,11 @@ def make_plan(
     widths = _row_widths(layout, feature_layers)
     held = memory_held(device)
     available = memory_available(device, memory_limit)
-    working = extra_working_bytes
     per_row = (_GRADIENT_BUFFERS * P * max(d_model, head_width) + n_sources) * FLOAT
 
     def estimate(expanded: int, element: int) -> tuple[int, int, int]:
         adjacency = _adjacency_bytes(widths, expanded, n_logits, n_sources, element)
-        room = available.bytes - working - adjacency
+        room = available.bytes - adjacency
         batch = max(1, min(max_batch, room // per_row if room > 0 else 1))
         block_rows = max(int(batch), n_logits)  # a block holds one batch's rows of one layer (or the logit rows)
         pruning = _PRUNING_BLOCKS * block_rows * n_sources * FLOAT + (adjacency if keep_unpruned else 0)
@@ -278,7 +273,7 @@ def make_plan(
 
     def fits(expanded: int, element: int) -> bool:
         adjacency, batch, pruning = estimate(expanded, element)
-        return working + adjacency + max(batch * per_row, pruning) <= available.bytes
+        return adjacency + max(batch * per_row, pruning) <= available.bytes
 
     if storage == "auto":
         storage = "float32" if fits(n_expanded, FLOAT) else "bfloat16"
@@ -288,7 +283,7 @@ def make_plan(
     seconds = (work * calibration.seconds_per_row_layer_position
                + adjacency / element * _SWEEP_PASSES * calibration.seconds_per_element)
     plan = TracePlan(P, len(layout.layer_end), n_features, n_expanded, n_logits, n_sources, batch, adjacency,
-                     working, batch * per_row, pruning, held, available, seconds, None, storage)
+                     batch * per_row, pruning, held, available, seconds, None, storage)
     if plan.fits:
         return plan
     low, high = 0, n_expanded  # the largest budget that fits
