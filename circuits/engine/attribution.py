@@ -142,6 +142,7 @@ def _prepare(lm: LoadedModel, dicts: DictionarySet, prompt: str, settings: Trace
     backward = FrozenLinearBackward(lm, clean, dicts, constant, device)
     encoders = EncoderVectors(dicts, features, device)
     rows = EdgeRowComputer(backward, layout, replacement, clean.embeddings.to(device), encoders)
+    replacement.release_writes()  # the position groups hold the decoder writes now
     timings["setup"] = time.perf_counter() - start
     return _Prepared(input_ids, position, clean, replacement, layout, logits, rows, timings)
 
@@ -150,8 +151,9 @@ _BANDWIDTH: dict[str, float] = {}
 _PROBE_ROWS = 16  # rows in the plan's timed probe
 
 
-def _calibrate(prepared: _Prepared, batch: int, device: torch.device) -> Calibration:
-    """Time one batch of rows of the top layer's features (discarded) and a pass over memory (see plan.py)."""
+def _calibrate(prepared: _Prepared, batch: int, device: torch.device, dtype: torch.dtype) -> Calibration:
+    """Time one batch of rows of the top layer's features carried in ``dtype`` (discarded) and a pass over memory
+    (see plan.py)."""
     if str(device) not in _BANDWIDTH:
         _BANDWIDTH[str(device)] = measure_bandwidth(device)
     features = prepared.replacement.features
@@ -162,22 +164,40 @@ def _calibrate(prepared: _Prepared, batch: int, device: torch.device) -> Calibra
     probe = candidates[torch.linspace(0, len(candidates) - 1, min(batch, len(candidates))).round().long().unique()]
     span = int(features.position[probe].max()) + 1  # the positions the probe's gradient rows cover
     start = time.perf_counter()
-    prepared.rows.feature_rows(probe)
+    prepared.rows.feature_rows(probe, dtype)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     seconds = (time.perf_counter() - start) / (len(probe) * (top + 1) * span)
     return Calibration(seconds, _BANDWIDTH[str(device)])
 
 
+# "auto" rows: a trace whose float32 rows would take longer than this computes them in bfloat16 when that is at least
+# BFLOAT16_GAIN times faster here (measured, not assumed: CPUs without bfloat16 arithmetic are slower in it)
+FLOAT32_SECONDS_BEFORE_BFLOAT16 = 60.0
+BFLOAT16_GAIN = 1.5
+
+
 def _plan(lm: LoadedModel, prepared: _Prepared, settings: TraceSettings) -> TracePlan:
+    """The plan; with ``settings.adjacency == "auto"`` it also chooses the rows' precision: float32 unless only
+    bfloat16 fits, or float32 would take over a minute and bfloat16 is at least 1.5x faster on this device."""
     start = time.perf_counter()
     device = lm.device
     features = prepared.replacement.features
     n_heads, _, head_dim = lm.architecture.heads(lm.config)
-    calibration = _calibrate(prepared, min(settings.batch_size, _PROBE_ROWS), device)
-    plan = make_plan(prepared.layout, features.layer, features.position, len(prepared.logits.labels), lm.d_model,
-                     n_heads * head_dim, settings.batch_size, settings.max_features, device, calibration,
-                     settings.memory_limit, storage=settings.adjacency, keep_unpruned=settings.keep_unpruned)
+    probe_rows = min(settings.batch_size, _PROBE_ROWS)
+
+    def plan_for(storage: str) -> TracePlan:
+        dtype = torch.bfloat16 if storage == "bfloat16" else torch.float32
+        calibration = _calibrate(prepared, probe_rows, device, dtype)
+        return make_plan(prepared.layout, features.layer, features.position, len(prepared.logits.labels),
+                         lm.d_model, n_heads * head_dim, settings.batch_size, settings.max_features, device,
+                         calibration, settings.memory_limit, storage=storage, keep_unpruned=settings.keep_unpruned)
+
+    plan = plan_for(settings.adjacency)
+    if settings.adjacency == "auto" and (plan.storage == "bfloat16" or plan.seconds > FLOAT32_SECONDS_BEFORE_BFLOAT16):
+        in_bfloat16 = plan_for("bfloat16")  # timed in bfloat16
+        if plan.storage == "bfloat16" or in_bfloat16.seconds * BFLOAT16_GAIN < plan.seconds:
+            plan = in_bfloat16
     prepared.timings["plan"] = time.perf_counter() - start
     return plan
 
@@ -223,7 +243,7 @@ def attribute(
     features = replacement.features
     start = time.perf_counter()
     n_features = len(features)
-    storage = STORAGE_DTYPES[plan.storage]
+    storage = STORAGE_DTYPES[plan.storage]  # feature rows are computed in it too (logit rows: float32, they are few)
 
     def stored(new: list[RowBlock]) -> list[RowBlock]:
         return [RowBlock(b.rows, b.values.to(storage)) for b in new]
@@ -235,7 +255,7 @@ def attribute(
     bar = tqdm(total=budget, desc="attribution", unit="feature", disable=not progress, leave=False)
     if budget == n_features:  # no budget: expand everything, in layer order
         for chosen in torch.arange(n_features, device=device).split(batch_size):
-            blocks.extend(stored(rows.feature_rows(chosen)))
+            blocks.extend(stored(rows.feature_rows(chosen, storage)))
             bar.update(len(chosen))
         expanded[:] = True
     else:
@@ -252,7 +272,7 @@ def attribute(
             chosen_window = ranking[:window]
             chosen_window = chosen_window[torch.argsort(features.position[chosen_window], stable=True)]
             for chosen in chosen_window.split(batch_size):
-                blocks.extend(stored(rows.feature_rows(chosen)))
+                blocks.extend(stored(rows.feature_rows(chosen, storage)))
                 bar.update(len(chosen))
             expanded[chosen_window] = True
             done += window

@@ -139,22 +139,24 @@ class EdgeRowComputer:
             ))
 
     def _run(self, top_layer: int, grad_out: torch.Tensor | None, joining: dict[int, torch.Tensor],
-             n_rows: int, width: int) -> torch.Tensor:
+             n_rows: int, width: int, dtype: torch.dtype) -> torch.Tensor:
         out = torch.zeros(n_rows, width, device=self.embeddings.device)
 
-        def read(layer: int, grad: torch.Tensor) -> None:
-            self.groups[layer].read(grad.to(out.device), out[: grad.shape[0]])
+        def read(layer: int, grad: torch.Tensor) -> None:  # sources are read in float32 whatever carried the rows
+            self.groups[layer].read(grad.to(out.device, torch.float32), out[: grad.shape[0]])
 
-        grad_emb = self.backward.propagate(top_layer, grad_out, joining.get, read).to(out.device)
+        grad_emb = self.backward.propagate(top_layer, grad_out, joining.get, read, dtype)
+        grad_emb = grad_emb.to(out.device, torch.float32)
         n = grad_emb.shape[1]
         out[:, :n] += torch.einsum("bpd,pd->bp", grad_emb, self.embeddings[:n])  # token nodes come first
         return out
 
-    def feature_rows(self, feature_ids: torch.Tensor) -> list[RowBlock]:
-        """Rows of active features ``feature_ids`` (any layers), one RowBlock per layer.
+    def feature_rows(self, feature_ids: torch.Tensor, dtype: torch.dtype = torch.float32) -> list[RowBlock]:
+        """Rows of active features ``feature_ids`` (any layers), one RowBlock per layer, float32 values.
 
         All rows share one backward pass: each joins at its own layer, so a mixed batch costs no more than
-        its rows' own paths."""
+        its rows' own paths. ``dtype``: what the gradient rows are carried in (bfloat16 rounds them on the way,
+        see :mod:`circuits.engine.linear_backward`)."""
         features = self.replacement.features
         layers = features.layer[feature_ids]
         order = torch.argsort(layers * (int(features.position.max()) + 1) + features.position[feature_ids],
@@ -171,16 +173,17 @@ class EdgeRowComputer:
             seeds[torch.arange(len(ids)), positions[ids]] = self.encoder_vectors[feature_ids[ids]] * scale
             joining[layer] = seeds
         top = int(layers.max())
-        values = self._run(top, None, joining, len(feature_ids), self.layout.prefix_end(top))
+        values = self._run(top, None, joining, len(feature_ids), self.layout.prefix_end(top), dtype)
         blocks = []
         for layer in layers.unique().tolist():
             ids = (layers == layer).nonzero().flatten()
             blocks.append(RowBlock(feature_ids[ids], values[ids, : self.layout.prefix_end(layer)].clone()))
         return blocks
 
-    def logit_rows(self, directions: torch.Tensor, position: int, row_ids: torch.Tensor) -> RowBlock:
+    def logit_rows(self, directions: torch.Tensor, position: int, row_ids: torch.Tensor,
+                   dtype: torch.dtype = torch.float32) -> RowBlock:
         """Rows of logit targets: ``directions`` [k, d] in unembedding space (e.g. W_U[tok] - mean W_U)."""
         seeds = torch.zeros(len(directions), position + 1, directions.shape[1], device=directions.device)
         seeds[:, position] = directions * self.backward.s_final[position]
         last = len(self.backward.layers) - 1
-        return RowBlock(row_ids, self._run(last, seeds, {}, len(directions), self.layout.n_sources))
+        return RowBlock(row_ids, self._run(last, seeds, {}, len(directions), self.layout.n_sources, dtype))

@@ -11,7 +11,8 @@ What is counted (bytes; P positions, d = d_model, N active features, S = sources
     pruning       pruning copies the rows it keeps block by block, freeing each block as it goes, and scores one
                   block at a time in float32: ~3 blocks of [B, S] x 4; with keep_unpruned the rows stay for the
                   file, so up to the whole adjacency again
-    (rows are stored in float32, or in bfloat16 when only that fits: half the adjacency; see exact_edges.py)
+    (rows are computed and stored in float32, or in bfloat16: half the adjacency; see exact_edges.py, and
+    attribution._plan for when ``auto`` takes bfloat16)
     already held  what the process holds now (model, dictionaries' resident copies, the clean run): RssAnon on a
                   CPU, torch.cuda.memory_allocated on a GPU; measured, not estimated
 
@@ -22,9 +23,9 @@ memory), the cgroup limit, and ``TraceSettings.memory_limit``. The batch size sh
 not fit; a trace whose peak would not fit is refused with the estimate and the flags that would fix it.
 
 Time is estimated from a probe: one batch of rows of the top layer's features, spread over the prompt, is computed
-and timed; the cost of a row is taken as proportional to the layers it passes through times the positions its
-batch spans. Ranking
-sweeps of a budgeted run and pruning are estimated as passes over the adjacency at a measured memory bandwidth.
+(in the rows' precision) and timed; the cost of a row is taken as proportional to the layers it passes through
+times the positions its batch spans. Ranking sweeps of a budgeted run and pruning are estimated as passes over the
+adjacency at a measured memory bandwidth.
 """
 
 from __future__ import annotations

@@ -92,7 +92,7 @@ def run_frozen(
     feature_scale = torch.ones(len(replacement.features), device=device) if feature_scale is None else feature_scale
     error_scale = torch.ones(n_layers, P, device=device) if error_scale is None else error_scale
     mlp = ReplacementMlp(dicts, (P,), device, replacement.constant_positions)
-    for layer, writes in enumerate(replacement.writes):
+    for layer, writes in enumerate(replacement.decoder_writes(dicts)):
         mlp.add(layer, writes.position, writes.vectors * feature_scale[writes.feature][:, None])
     mlp_inputs: dict[int, torch.Tensor] = {}
     final: list[torch.Tensor] = []
