@@ -1,5 +1,6 @@
 """A record of the dictionary files already found free of NaN and inf, so that a set is scanned once, not on
-every load.
+every load; and of other whole-file scans' results (:func:`scan_once`, e.g. whether a CLT file decodes to
+layers before its source: half of a 262k CLT's 217 GB would be read on every load).
 
 The scan (:func:`~dictionaries.safetensors_io.check_finite`) reads every byte: 22.5 GiB for a 262k Gemma Scope 2
 set, most of a trace's loading time. After a clean scan of tensors memory-mapped from known files, the record
@@ -13,7 +14,8 @@ A later load with the same key skips the scan; a file that changed (a new size, 
 and a NaN in it still raises the clear error. A file modified less than :data:`RACY_SECONDS` before its scan
 is not recorded: a change in the same tick of the file system's clock would leave its times as they were.
 
-The record is JSON (``{"version": 1, "entries": {key: {"files": [paths], "at": unix time}}}``) at
+The record is JSON (``{"version": 1, "entries": {key: {"check": name, "files": [paths], "at": unix time, "result": value}}}``;
+an entry without check and result, as older records wrote, is a clean NaN/inf scan) at
 ``$CIRCUITSCOPE_VERIFIED_FILES``, else ``verified_files.json`` in the circuitscope cache
 (:func:`~dictionaries.models.default_model.cache_dir`). It is written atomically; an unreadable record counts as
 empty and a failure to write it is ignored, so the record can only save a scan, never fail a load.
@@ -25,7 +27,7 @@ import hashlib
 import json
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -51,17 +53,30 @@ def check_finite_once(path: str | Path, tensors: Mapping[str, torch.Tensor], sou
     """:func:`check_finite` (DictionaryFileError naming ``path``) unless the record says these ``tensors``,
     memory-mapped from the files ``sources`` as they are now, were already found finite; a clean scan is
     recorded. ``sources`` empty: scanned every time."""
+    def scan() -> bool:
+        check_finite(path, tensors)  # raises on NaN/inf: only clean scans are recorded
+        return True
+
+    scan_once(CHECK, tensors, sources, scan)
+
+
+def scan_once(check: str, tensors: Mapping[str, torch.Tensor], sources: Sequence[str | Path],
+              scan: Callable[[], bool | int | float | str]) -> bool | int | float | str:
+    """The result of ``scan()`` (a JSON value; ``check`` names the scan and its version) over ``tensors``,
+    memory-mapped from the files ``sources``: read from the record when the same check of the same bytes of
+    the same files (as they are now) was recorded, else run and recorded. ``sources`` empty: run every time."""
     started = time.time_ns()
     stats = _file_stats(sources)
     if stats is None:
-        check_finite(path, tensors)
-        return
-    key = _key(stats, tensors)
-    if key in _read_entries(record_path()):
-        return
-    check_finite(path, tensors)
+        return scan()
+    key = _key(check, stats, tensors)
+    entry = _read_entries(record_path()).get(key)
+    if isinstance(entry, dict):
+        return entry.get("result", True)
+    result = scan()
     if all(started - stat[2] >= RACY_SECONDS * 1e9 for stat in stats):
-        _record(key, [stat[0] for stat in stats])
+        _record(key, check, [stat[0] for stat in stats], result)
+    return result
 
 
 def _file_stats(sources: Sequence[str | Path]) -> list[tuple[str, int, int, int, int]] | None:
@@ -80,11 +95,11 @@ def _file_stats(sources: Sequence[str | Path]) -> list[tuple[str, int, int, int,
     return stats
 
 
-def _key(stats: list[tuple[str, int, int, int, int]], tensors: Mapping[str, torch.Tensor]) -> str:
+def _key(check: str, stats: list[tuple[str, int, int, int, int]], tensors: Mapping[str, torch.Tensor]) -> str:
     views = sorted(
         [name, str(t.dtype), list(t.shape), list(t.stride()), t.storage_offset()] for name, t in tensors.items()
     )
-    text = json.dumps({"check": CHECK, "files": stats, "tensors": views})
+    text = json.dumps({"check": check, "files": stats, "tensors": views})
     return hashlib.sha256(text.encode()).hexdigest()
 
 
@@ -97,11 +112,13 @@ def _read_entries(path: Path) -> dict[str, dict]:
     return entries if isinstance(entries, dict) else {}
 
 
-def _record(key: str, files: list[str]) -> None:
-    """Add ``key`` (dropping older entries of the same files, and the oldest beyond :data:`MAX_ENTRIES`)."""
+def _record(key: str, check: str, files: list[str], result: bool | int | float | str) -> None:
+    """Add ``key`` (dropping older entries of the same check of the same files, and the oldest beyond
+    :data:`MAX_ENTRIES`)."""
     path = record_path()
-    entries = {k: v for k, v in _read_entries(path).items() if isinstance(v, dict) and v.get("files") != files}
-    entries[key] = {"files": files, "at": time.time()}
+    entries = {k: v for k, v in _read_entries(path).items()
+               if isinstance(v, dict) and (v.get("files") != files or v.get("check", CHECK) != check)}
+    entries[key] = {"check": check, "files": files, "at": time.time(), "result": result}
     if len(entries) > MAX_ENTRIES:
         newest = sorted(entries, key=lambda k: entries[k].get("at", 0), reverse=True)[:MAX_ENTRIES]
         entries = {k: entries[k] for k in newest}

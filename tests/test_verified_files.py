@@ -86,7 +86,8 @@ def test_a_set_is_scanned_once(tmp_path, record, scanned, layout):
     assert first == _elements(dicts) > 0
     again, second = _load(directory, scanned)
     assert second == 0  # nothing read for the check
-    assert len(json.loads(record.read_text())["entries"]) == N_LAYERS
+    earlier_decoder_scans = N_LAYERS - 1 if layout == "gs2-clt" else 0  # layers 1.. of a Gemma Scope 2 CLT
+    assert len(json.loads(record.read_text())["entries"]) == N_LAYERS + earlier_decoder_scans
     for layer in range(N_LAYERS):
         for name, tensor in again.layer_tensors(layer).items():
             assert torch.equal(tensor, dicts.layer_tensors(layer)[name])
@@ -164,3 +165,30 @@ def test_the_record_lives_in_the_circuitscope_cache(tmp_path, monkeypatch):
     monkeypatch.delenv("CIRCUITSCOPE_VERIFIED_FILES")
     monkeypatch.setenv("CIRCUITSCOPE_CACHE", str(tmp_path))
     assert record_path() == tmp_path / "verified_files.json"
+
+
+def test_a_clt_files_scan_for_decoders_to_earlier_layers_is_recorded_with_its_result(tmp_path, record, monkeypatch):
+    """The scan of a CLT file's w_dec before its source layer (half of a 262k CLT's 217 GB) runs once per file
+    version; later loads read its result, so the warning about non-zero earlier decoders is still given."""
+    import warnings
+
+    from test_gemma_scope_2 import write_clt
+
+    from dictionaries.formats import gemma_scope_2
+
+    write_clt(tmp_path / "clt", earlier=True)
+    _age(tmp_path / "clt")
+    scans: list[int] = []
+    real = gemma_scope_2._any_nonzero
+    monkeypatch.setattr(gemma_scope_2, "_any_nonzero", lambda t: scans.append(t.numel()) or real(t))
+    for expected_scans in (2, 2):  # layers 1 and 2 have earlier decoders; the second load scans nothing
+        with pytest.warns(UserWarning, match="non-zero decoders to layers before the source layer"):
+            gemma_scope_2.load_gemma_scope_2(tmp_path / "clt")
+        assert len(scans) == expected_scans
+    write_clt(tmp_path / "clean")  # zero earlier decoders: recorded as False, no warning on either load
+    _age(tmp_path / "clean")
+    for _ in range(2):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            gemma_scope_2.load_gemma_scope_2(tmp_path / "clean")
+    assert len(scans) == 4

@@ -35,6 +35,7 @@ from ..config import ActivationConfig, DictionaryConfig
 from ..dictionary_set import DictionarySet
 from ..errors import CircuitscopeError, DictionaryFileError
 from ..safetensors_io import read_header, read_tensors, write_tensors
+from ..verified_files import scan_once
 from .format import DictionaryFormat, Selector, register
 from .shapes import Dim, SourceDims, check_source_shapes
 
@@ -224,6 +225,9 @@ def _load_per_layer(path: Path, chosen: list[LayerFolder], verify_values: bool) 
     return _build(layers, paths, False, chosen[0].affine, verify_values, {FOLDERS_KEY: folders})
 
 
+EARLIER_DECODERS_CHECK = "clt-earlier-decoders-v1"  # a CLT file's w_dec to layers before its source: non-zero?
+
+
 def _any_nonzero(tensor: torch.Tensor, rows: int = 4096) -> bool:
     """Whether any entry is non-zero, scanning ``rows`` rows of dim 0 at a time (bounded memory)."""
     return any(bool(tensor[i : i + rows].ne(0).any()) for i in range(0, tensor.shape[0], rows))
@@ -251,7 +255,8 @@ def _load_clt(path: Path, files: dict[int, Path], verify_values: bool) -> Dictio
             )
         dims = _check_source(file, i, raw, first, n_layers)
         first = first or dims
-        if verify_values and i > 0 and _any_nonzero(w_dec[:, :i, :]):
+        if verify_values and i > 0 and scan_once(EARLIER_DECODERS_CHECK, {"w_dec": w_dec}, [file],
+                                                 lambda w_dec=w_dec, i=i: _any_nonzero(w_dec[:, :i, :])):
             earlier.append(file.name)
         tensors = {_NATIVE_NAMES[name]: tensor for name, tensor in raw.items()}
         tensors["W_dec"] = w_dec[:, i:, :]
