@@ -14,8 +14,8 @@ A later load with the same key skips the scan; a file that changed (a new size, 
 and a NaN in it still raises the clear error. A file modified less than :data:`RACY_SECONDS` before its scan
 is not recorded: a change in the same tick of the file system's clock would leave its times as they were.
 
-The record is JSON (``{"version": 1, "entries": {key: {"check": name, "files": [paths], "at": unix time, "result": value}}}``;
-an entry without check and result, as older records wrote, is a clean NaN/inf scan) at
+The record is JSON, ``{"version": 1, "entries": {key: {"check": name, "files": [paths], "at": unix time,
+"result": value}}}`` (an entry without check and result, as older records wrote, is a clean NaN/inf scan), at
 ``$CIRCUITSCOPE_VERIFIED_FILES``, else ``verified_files.json`` in the circuitscope cache
 (:func:`~dictionaries.models.default_model.cache_dir`). It is written atomically; an unreadable record counts as
 empty and a failure to write it is ignored, so the record can only save a scan, never fail a load.
