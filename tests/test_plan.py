@@ -59,7 +59,7 @@ def test_the_plan_counts_what_the_attribution_computes(tiny_lm, dicts, budget):
     assert plan.batch_size == 7
     if budget is None:
         assert plan.adjacency_bytes == stored  # exact without a budget
-    else:  # with a budget the chosen rows are not known in advance: mean row width x budget
+    else:  # with a budget the rows are predicted from the direct influence ranking
         assert 0.3 * stored < plan.adjacency_bytes < 3 * stored
     assert plan.fits and plan.seconds > 0
 
@@ -71,15 +71,15 @@ def test_a_trace_that_does_not_fit_is_refused_before_any_row(tiny_lm, dicts, mon
     _room(monkeypatch, per_row + full.adjacency_bytes // 4)
     monkeypatch.setattr(attribution_module, "check_forward_fits", lambda *a: None)  # tested on its own below
     calls = []
-    monkeypatch.setattr(EdgeRowComputer, "logit_rows", lambda *a, **k: calls.append(1))
-    with pytest.raises(TraceDoesNotFit) as refused:
+    with monkeypatch.context() as patched, pytest.raises(TraceDoesNotFit) as refused:
+        patched.setattr(EdgeRowComputer, "logit_rows", lambda *a, **k: calls.append(1))
         attribute(tiny_lm, dicts, PROMPT)
     message = str(refused.value)
     assert calls == []  # nothing attributed: the logit rows come first
     assert "nothing was attributed" in message and "--max-features" in message
     hint = int(message.split("--max-features ")[1].split(" ")[0].replace(",", ""))
     assert 0 < hint < full.n_features
-    # the budget it names fits
+    # the budget it names fits (its plan computes the logit rows: they rank the features it will expand)
     assert plan_attribution(tiny_lm, dicts, PROMPT, TraceSettings(max_features=hint)).fits
 
 
@@ -228,27 +228,42 @@ def test_pruning_that_consumes_the_rows_gives_the_same_graph_and_frees_them(tiny
         assert torch.equal(x.rows, y.rows) and torch.equal(x.values, y.values)
 
 
-@pytest.mark.parametrize("bfloat16_speedup, expected", [(3.0, "bfloat16"), (1.2, "float32")])
+@pytest.mark.parametrize("bfloat16_speedup, expected", [(3.7, "bfloat16"), (0.5, "float32")])
 def test_auto_computes_long_traces_in_bfloat16_only_where_it_is_faster(tiny_lm, dicts, monkeypatch,
                                                                        bfloat16_speedup, expected):
-    """A trace whose float32 rows would take longer than the threshold is planned in bfloat16 when the probe,
-    timed in bfloat16, is at least 1.5x faster; otherwise it stays in float32. Short traces never probe bfloat16."""
+    """A trace whose float32 rows would take longer than the threshold is planned (and timed) in bfloat16 where
+    bfloat16 matmuls are at least 2x faster; otherwise it stays in float32. Short traces never probe bfloat16."""
     probed = []
+    real_calibrate = attribution_module._calibrate
 
-    def fake_calibrate(prepared, batch, device, dtype):
+    def recording_calibrate(prepared, batch, device, dtype):
         probed.append(dtype)
-        seconds = 1e-3 if dtype == torch.float32 else 1e-3 / bfloat16_speedup
-        return plan_module.Calibration(seconds, 1e-9)
+        return real_calibrate(prepared, batch, device, dtype)
 
-    monkeypatch.setattr(attribution_module, "_calibrate", fake_calibrate)
+    monkeypatch.setattr(attribution_module, "_calibrate", recording_calibrate)
+    monkeypatch.setattr(attribution_module, "_bfloat16_speedup", lambda device: bfloat16_speedup)
     short = plan_attribution(tiny_lm, dicts, PROMPT)
     assert short.seconds < attribution_module.FLOAT32_SECONDS_BEFORE_BFLOAT16
     assert short.storage == "float32" and probed == [torch.float32]
-    monkeypatch.setattr(attribution_module, "FLOAT32_SECONDS_BEFORE_BFLOAT16", short.seconds / 2)
+    monkeypatch.setattr(attribution_module, "FLOAT32_SECONDS_BEFORE_BFLOAT16", 0.0)
     probed.clear()
     long = plan_attribution(tiny_lm, dicts, PROMPT)
-    assert probed == [torch.float32, torch.bfloat16] and long.storage == expected
+    assert long.storage == expected
+    assert probed == [torch.float32] + ([torch.bfloat16] if expected == "bfloat16" else [])
     pinned = plan_attribution(tiny_lm, dicts, PROMPT, TraceSettings(adjacency="float32"))
     assert pinned.storage == "float32"
     result = attribute(tiny_lm, dicts, PROMPT)
     assert {block.values.dtype for block in result.blocks} == {plan_module.STORAGE_DTYPES[expected]}
+
+
+def test_the_speedup_of_bfloat16_is_measured():
+    assert plan_module.bfloat16_speedup(torch.device("cpu"), repeats=1) > 0
+
+
+def test_a_budgeted_plan_counts_the_rows_the_direct_influence_ranks_first(tiny_lm, dicts):
+    """With a budget the plan predicts its rows from the logit rows' ranking: its adjacency is exactly those rows'
+    widths (the first budget rows of the ranking are what the first window expands)."""
+    budget = 5
+    result = attribute(tiny_lm, dicts, PROMPT, TraceSettings(max_features=budget, batch_size=budget))
+    stored = sum(block.values.numel() for block in result.blocks) * 4
+    assert result.plan.adjacency_bytes == stored

@@ -30,6 +30,7 @@ from .plan import (
     STORAGE_DTYPES,
     Calibration,
     TraceDoesNotFit,
+    bfloat16_speedup,
     TracePlan,
     check_forward_fits,
     make_plan,
@@ -111,6 +112,17 @@ class _Prepared:
     logits: LogitTargets
     rows: EdgeRowComputer
     timings: dict[str, float]
+    logit_rows: RowBlock | None = None  # float32, once computed (a budgeted plan ranks the features with them)
+
+    def logit_block(self) -> RowBlock:
+        """The logit targets' rows (float32), computed once."""
+        if self.logit_rows is None:
+            n_features = len(self.replacement.features)
+            device = self.rows.embeddings.device
+            self.logit_rows = self.rows.logit_rows(
+                self.logits.directions.to(device), self.position,
+                torch.arange(n_features, n_features + len(self.logits.labels), device=device))
+        return self.logit_rows
 
 
 def _prepare(lm: LoadedModel, dicts: DictionarySet, prompt: str, settings: TraceSettings) -> _Prepared:
@@ -171,33 +183,51 @@ def _calibrate(prepared: _Prepared, batch: int, device: torch.device, dtype: tor
     return Calibration(seconds, _BANDWIDTH[str(device)])
 
 
-# "auto" rows: a trace whose float32 rows would take longer than this computes them in bfloat16 when that is at least
-# BFLOAT16_GAIN times faster here (measured, not assumed: CPUs without bfloat16 arithmetic are slower in it)
+# "auto" rows: a trace whose float32 rows would take longer than this computes them in bfloat16 where a bfloat16
+# matmul is at least BFLOAT16_MATMUL_GAIN times faster (measured, not assumed: CPUs without bfloat16 arithmetic are
+# slower in it; with AVX-512 BF16 a matmul is ~3.7x and the rows ~2.2x faster)
 FLOAT32_SECONDS_BEFORE_BFLOAT16 = 60.0
-BFLOAT16_GAIN = 1.5
+BFLOAT16_MATMUL_GAIN = 2.0
+_SPEEDUP: dict[str, float] = {}
+
+
+def _bfloat16_speedup(device: torch.device) -> float:
+    if str(device) not in _SPEEDUP:
+        _SPEEDUP[str(device)] = bfloat16_speedup(device)
+    return _SPEEDUP[str(device)]
+
+
+def _direct_ranking(prepared: _Prepared) -> torch.Tensor:
+    """Feature ids [N] by their direct influence on the logits (from the logit rows): the order a budget starts
+    expanding in, which the plan uses to predict the budgeted rows."""
+    influence = node_influence([prepared.logit_block()], prepared.layout, prepared.logits.weights)
+    return torch.argsort(influence[prepared.layout.feature_node.to(influence.device)], descending=True)
 
 
 def _plan(lm: LoadedModel, prepared: _Prepared, settings: TraceSettings) -> TracePlan:
     """The plan; with ``settings.adjacency == "auto"`` it also chooses the rows' precision: float32 unless only
-    bfloat16 fits, or float32 would take over a minute and bfloat16 is at least 1.5x faster on this device."""
+    bfloat16 fits, or float32 would take over a minute and bfloat16 matmuls are at least 2x faster here. With a
+    budget, the logit rows are computed first and rank the features (see :func:`_direct_ranking`)."""
     start = time.perf_counter()
     device = lm.device
     features = prepared.replacement.features
     n_heads, _, head_dim = lm.architecture.heads(lm.config)
     probe_rows = min(settings.batch_size, _PROBE_ROWS)
+    budgeted = settings.max_features is not None and settings.max_features < len(features)
+    ranking = _direct_ranking(prepared) if budgeted else None
 
     def plan_for(storage: str) -> TracePlan:
         dtype = torch.bfloat16 if storage == "bfloat16" else torch.float32
         calibration = _calibrate(prepared, probe_rows, device, dtype)
         return make_plan(prepared.layout, features.layer, features.position, len(prepared.logits.labels),
                          lm.d_model, n_heads * head_dim, settings.batch_size, settings.max_features, device,
-                         calibration, settings.memory_limit, storage=storage, keep_unpruned=settings.keep_unpruned)
+                         calibration, settings.memory_limit, storage=storage, keep_unpruned=settings.keep_unpruned,
+                         ranking=ranking)
 
     plan = plan_for(settings.adjacency)
-    if settings.adjacency == "auto" and (plan.storage == "bfloat16" or plan.seconds > FLOAT32_SECONDS_BEFORE_BFLOAT16):
-        in_bfloat16 = plan_for("bfloat16")  # timed in bfloat16
-        if plan.storage == "bfloat16" or in_bfloat16.seconds * BFLOAT16_GAIN < plan.seconds:
-            plan = in_bfloat16
+    if settings.adjacency == "auto" and (plan.storage == "bfloat16" or (
+            plan.seconds > FLOAT32_SECONDS_BEFORE_BFLOAT16 and _bfloat16_speedup(device) >= BFLOAT16_MATMUL_GAIN)):
+        plan = plan_for("bfloat16")  # timed in bfloat16
     prepared.timings["plan"] = time.perf_counter() - start
     return plan
 
@@ -248,8 +278,7 @@ def attribute(
     def stored(new: list[RowBlock]) -> list[RowBlock]:
         return [RowBlock(b.rows, b.values.to(storage)) for b in new]
 
-    blocks = stored([rows.logit_rows(logits.directions.to(device), position,
-                                     torch.arange(n_features, n_features + len(logits.labels), device=device))])
+    blocks = stored([prepared.logit_block()])
     budget = n_features if settings.max_features is None else min(settings.max_features, n_features)
     expanded = torch.zeros(n_features, dtype=torch.bool, device=device)
     bar = tqdm(total=budget, desc="attribution", unit="feature", disable=not progress, leave=False)

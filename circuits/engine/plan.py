@@ -135,6 +135,27 @@ class Calibration:
     seconds_per_element: float
 
 
+def bfloat16_speedup(device: torch.device, repeats: int = 5) -> float:
+    """How many times faster a [1024, 640] x [640, 1024] matmul is in bfloat16 than in float32 here (the fastest of
+    ``repeats`` each, so a busy machine does not decide it): ~3.7 on a CPU with AVX-512 BF16, below 1 on one
+    without bfloat16 arithmetic."""
+    def best(dtype: torch.dtype) -> float:
+        a = torch.rand(1024, 640, device=device, dtype=dtype)
+        b = torch.rand(640, 1024, device=device, dtype=dtype)
+        fastest = float("inf")
+        for _ in range(repeats + 1):  # the first warms up
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            start = time.perf_counter()
+            a @ b
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            fastest = min(fastest, time.perf_counter() - start)
+        return fastest
+
+    return best(torch.float32) / best(torch.bfloat16)
+
+
 def measure_bandwidth(device: torch.device, elements: int = 1 << 20, repeats: int = 5) -> float:
     """Seconds per float32 element of one ``abs().sum(1)`` pass (what influence and pruning do over the rows), the
     fastest of ``repeats`` passes over a 4 MB block (a few MB: the probe must not cost the memory it measures)."""
@@ -210,25 +231,41 @@ def _row_widths(layout: NodeLayout, feature_layers: torch.Tensor) -> torch.Tenso
     return ends[feature_layers.cpu()] if len(feature_layers) else torch.zeros(0, dtype=torch.long)
 
 
-def _adjacency_bytes(widths: torch.Tensor, n_expanded: int, n_logits: int, n_sources: int, element: int) -> int:
+def _expanded_rows(n_features: int, n_expanded: int, ranking: torch.Tensor | None) -> torch.Tensor | None:
+    """The feature rows expected to be computed: all (None) without a budget; with one, the first ``n_expanded``
+    of ``ranking`` (the features by their direct influence on the logits, which a budget expands first), or
+    None when no ranking is known."""
+    if n_expanded >= n_features or ranking is None:
+        return None
+    return ranking[:n_expanded].cpu()
+
+
+def _adjacency_bytes(widths: torch.Tensor, rows: torch.Tensor | None, n_expanded: int, n_logits: int,
+                     n_sources: int, element: int) -> int:
     if n_expanded >= len(widths):
         feature_elements = int(widths.sum())
-    else:  # which rows a budget picks is unknown until it runs: count the mean row
+    elif rows is not None:  # the rows a budget is expected to pick
+        feature_elements = int(widths[rows].sum())
+    else:  # unknown: count the mean row
         feature_elements = int(float(widths.float().mean()) * n_expanded) if len(widths) else 0
     return (feature_elements + n_logits * n_sources) * element
 
 
-def _row_work(feature_layers: torch.Tensor, feature_positions: torch.Tensor, n_expanded: int, batch: int) -> float:
+def _row_work(feature_layers: torch.Tensor, feature_positions: torch.Tensor, rows: torch.Tensor | None,
+              n_expanded: int, batch: int) -> float:
     """Sum over the computed rows of (layers passed) x (positions spanned): a row of layer l passes l + 1 layers,
     and a batch's gradient rows span the positions up to its latest target. Without a budget the batches are
-    known (features in order); a budget's are not: its rows are taken as a sample of the features, each batch
-    spanning about its rows' own positions (the ranking windows are batched by position)."""
+    known (features in order); with one, ``rows`` are the expected ones, batched by position as the ranking
+    windows are; unknown rows are taken as a sample of the features."""
     depth = feature_layers.cpu().float() + 1
     if len(depth) == 0:
         return 0.0
     positions = feature_positions.cpu()
     if n_expanded < len(depth):
-        return float(depth.mean()) * n_expanded * float((positions + 1).float().mean())
+        if rows is None:
+            return float(depth.mean()) * n_expanded * float((positions + 1).float().mean())
+        order = rows[torch.argsort(positions[rows], stable=True)]
+        depth, positions = depth[order], positions[order]
     which = torch.arange(len(depth)) // batch
     span = torch.zeros(int(which[-1]) + 1, dtype=torch.long).scatter_reduce(0, which, positions + 1, "amax")
     return float((depth * span[which]).sum())
@@ -248,13 +285,15 @@ def make_plan(
     memory_limit: int | None = None,
     storage: Storage = "auto",
     keep_unpruned: bool = False,
+    ranking: torch.Tensor | None = None,
 ) -> TracePlan:
     """The plan for attributing ``layout``'s features (``feature_layers``, ``feature_positions`` [N] long) and
     ``n_logits`` logit rows.
 
     ``head_width`` is heads x head_dim; ``budget`` the feature budget (None: every feature); ``max_batch`` the
-    batch size asked for. ``storage``: the
-    dtype of the stored rows; "auto" stores float32 when it fits and bfloat16 when only that fits."""
+    batch size asked for. ``storage``: the dtype of the rows; "auto" is float32 when it fits and bfloat16 when
+    only that fits. ``ranking`` [N] (optional): feature ids by their direct influence on the logits, the order a
+    budget will roughly expand them in; the rows it counts are then the first ``budget`` of it."""
     n_features = len(feature_layers)
     n_expanded = n_features if budget is None else min(budget, n_features)
     P = int(layout.token_node.shape[0])
@@ -265,7 +304,8 @@ def make_plan(
     per_row = (_GRADIENT_BUFFERS * P * max(d_model, head_width) + n_sources) * FLOAT
 
     def estimate(expanded: int, element: int) -> tuple[int, int, int]:
-        adjacency = _adjacency_bytes(widths, expanded, n_logits, n_sources, element)
+        rows = _expanded_rows(n_features, expanded, ranking)
+        adjacency = _adjacency_bytes(widths, rows, expanded, n_logits, n_sources, element)
         room = available.bytes - adjacency
         batch = max(1, min(max_batch, room // per_row if room > 0 else 1))
         block_rows = max(int(batch), n_logits)  # a block holds one batch's rows of one layer (or the logit rows)
@@ -280,7 +320,8 @@ def make_plan(
         storage = "float32" if fits(n_expanded, FLOAT) else "bfloat16"
     element = STORAGE_DTYPES[storage].itemsize
     adjacency, batch, pruning = estimate(n_expanded, element)
-    work = _row_work(feature_layers, feature_positions, n_expanded, batch)
+    work = _row_work(feature_layers, feature_positions, _expanded_rows(n_features, n_expanded, ranking), n_expanded,
+                     batch)
     seconds = (work * calibration.seconds_per_row_layer_position
                + adjacency / element * _SWEEP_PASSES * calibration.seconds_per_element)
     plan = TracePlan(P, len(layout.layer_end), n_features, n_expanded, n_logits, n_sources, batch, adjacency,
