@@ -174,3 +174,43 @@ def test_annotating_a_graph_lists_heads_whose_shares_are_the_edge_parts(tiny_lm,
         layer, head, value = route.heads[0]
         share = head_shares(state, route.source, route.target, layer)[0]
         assert share.heads[head] == pytest.approx(value, rel=1e-5, abs=1e-7)
+
+
+def test_cli_heads_and_qk_on_a_traced_graph(tmp_path, tiny_checkpoint_dir):
+    import json
+
+    from click.testing import CliRunner
+
+    from circuits.graph.attribution_graph import AttributionGraph
+    from cli import main
+    from dictionaries.assembly import random_dictionary_set
+    from dictionaries.formats.native import save_native
+
+    folder = str(save_native(random_dictionary_set(4, 32, 16, seed=0), tmp_path / "dicts"))
+    out = tmp_path / "graph.json"
+    result = CliRunner().invoke(main, ["trace", PROMPT, "--model", str(tiny_checkpoint_dir), "--dictionaries", folder,
+                                       "-o", str(out), "--batch-size", "16", "--no-drawings"])
+    assert result.exit_code == 0, (result.output, result.exception)
+    graph = AttributionGraph.load(out)
+    nodes = graph.graph.nodes
+    source, target, weight = max(((s, t, w) for s, t, w in graph.graph.edges(data="weight")
+                                  if nodes[s]["position"] < nodes[t]["position"] and nodes[s]["kind"] != "remainder"),
+                                 key=lambda e: abs(e[2]))
+    result = CliRunner().invoke(main, ["query", str(out), "heads", source, target, "--json"])
+    assert result.exit_code == 0, (result.output, result.exception)
+    shares = json.loads(result.stdout)
+    assert len(shares) >= 1
+    for share in shares:
+        assert share["above"] + share["residual"] + sum(share["heads"]) == pytest.approx(weight, rel=1e-3, abs=1e-5)
+    layer, head = shares[0]["layer"], max(range(4), key=lambda h: abs(shares[0]["heads"][h]))
+    text = CliRunner().invoke(main, ["query", str(out), "heads", source, target, "--layer", str(layer)])
+    assert text.exit_code == 0 and f"{source} -> {target}" in text.stdout
+    result = CliRunner().invoke(main, ["query", str(out), "qk", "--edge", source, target, "--layer", str(layer),
+                                       "--head", str(head), "--top", "5", "--json"])
+    assert result.exit_code == 0, (result.output, result.exception)
+    qk = json.loads(result.stdout)
+    assert (qk["query"], qk["key"]) == (nodes[target]["position"], nodes[source]["position"])
+    assert 1 <= len(qk["pairs"]) <= 5 and qk["score"] == pytest.approx(qk["clean_score"], rel=1e-5, abs=1e-6)
+    text = CliRunner().invoke(main, ["query", str(out), "qk", "--layer", str(layer), "--head", "9", "--query", "3",
+                                     "--key", "1"])
+    assert text.exit_code == 2 and "head 9" in text.stderr
