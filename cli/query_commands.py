@@ -201,3 +201,34 @@ def query_qk(graph, layer, head, query_position, key_position, edge, top, device
     lines.append("key side      (query . source)")
     lines += [f"  {w:+10.4g}  {name}" for name, w in result.key_marginals]
     _emit(as_json, result, "\n".join(lines))
+
+
+@query.command("attention")
+@click.option("--top-edges", default=500, show_default=True, help="Annotate this many of the strongest "
+                                                                   "cross-position edges.")
+@click.option("--heads", "n_heads", default=3, show_default=True, help="Head routes listed per edge.")
+@click.option("--neuronpedia", "np_path", default=None, help="Also write the Neuronpedia JSON with QK results "
+                                                             "(qk_tracing_results) for the strongest edges' targets.")
+@click.option("--qk-nodes", default=10, show_default=True, help="Targets given QK results in the Neuronpedia JSON.")
+@device_option
+@json_option
+@click.pass_obj
+def query_attention(graph, top_edges, n_heads, np_path, qk_nodes, device, as_json) -> None:
+    """The strongest cross-position edges, each with the attention heads that carry most of it (layer.head and the
+    signed share), from one backward pass per target. Reruns the graph's prompt."""
+    from circuits.attention.heads import annotate_edges
+
+    state = _trace_state(graph, device)
+    routes = annotate_edges(state, graph, top_edges, n_heads)
+    if np_path is not None:
+        from circuits.attention.export import neuronpedia_qk
+        from circuits.graph.neuronpedia import save_neuronpedia
+
+        save_neuronpedia(graph, np_path, qk_tracing=neuronpedia_qk(state, graph, routes, qk_nodes))
+    lines = [f"  {'weight':>9}  {'source':<26} {'target':<26} heads (layer.head share)"]
+    for r in routes:
+        heads = " ".join(f"L{layer}.H{head} {share:+.3g}" for layer, head, share in r.heads)
+        lines.append(f"  {r.weight:+9.4g}  {r.source:<26} {r.target:<26} {heads}")
+    if np_path is not None:
+        lines.append(f"neuronpedia   {np_path}")
+    _emit(as_json, routes, "\n".join(lines))

@@ -214,3 +214,11 @@ def test_cli_heads_and_qk_on_a_traced_graph(tmp_path, tiny_checkpoint_dir):
     text = CliRunner().invoke(main, ["query", str(out), "qk", "--layer", str(layer), "--head", "9", "--query", "3",
                                      "--key", "1"])
     assert text.exit_code == 2 and "head 9" in text.stderr
+    np_path = tmp_path / "g.np.json"
+    result = CliRunner().invoke(main, ["query", str(out), "attention", "--top-edges", "10", "--heads", "2",
+                                       "--neuronpedia", str(np_path), "--qk-nodes", "2", "--json"])
+    assert result.exit_code == 0, (result.output, result.exception)
+    routes = json.loads(result.stdout)
+    assert len(routes) == 10 and all(len(r["heads"]) == 2 for r in routes)
+    exported = json.loads(np_path.read_text())["nodes"]
+    assert sum(n["qk_tracing_results"] is not None for n in exported) == 2

@@ -154,3 +154,36 @@ def test_a_pair_is_the_bilinear_perturbation_and_a_marginal_the_one_sided_one(ti
             assert marginal[pair.query_source] == pytest.approx(score(full, full) - score(without_i, full),
                                                                 rel=1e-4, abs=1e-5 * scale)
     assert scale > 1e-3
+
+
+def test_neuronpedia_export_carries_qk_results_for_the_strongest_edges_targets(tiny_lm, cases, tmp_path):
+    import json
+
+    from circuits.attention.export import neuronpedia_qk
+    from circuits.attention.heads import annotate_edges
+    from circuits.graph.neuronpedia import neuronpedia_id, save_neuronpedia
+    from circuits.tracing import trace
+
+    dicts, _, state, queries = cases["skip-transcoder"]
+    graph = trace(tiny_lm, dicts, PROMPT, SETTINGS)
+    routes = annotate_edges(state, graph, top=30, n_heads=1)
+    qk = neuronpedia_qk(state, graph, routes, n_nodes=3, top=5)
+    assert len(qk) == 3
+    path = save_neuronpedia(graph, tmp_path / "g.np.json", qk_tracing=qk)
+    nodes = {n["node_id"]: n for n in json.loads(path.read_text())["nodes"]}
+    with_qk = [n for n in nodes.values() if n["qk_tracing_results"] is not None]
+    assert len(with_qk) == 3
+    first = next(r for r in sorted(routes, key=lambda r: -abs(r.weight)))
+    entry = nodes[neuronpedia_id(graph, first.target)]["qk_tracing_results"]
+    layer, head, _ = first.heads[0]
+    expected = queries.attribute(layer, head, state.node(first.target).position, state.node(first.source).position,
+                                 top=5)
+    assert [tuple(p) for p in entry["pair_wise_contributors"]] == [
+        (neuronpedia_id(graph, p.query_source), neuronpedia_id(graph, p.key_source), pytest.approx(p.weight))
+        for p in expected.pairs]
+    assert entry["top_q_marginal_contributors"][0][1] == pytest.approx(expected.query_marginals[0][1])
+    assert entry["top_k_marginal_contributors"][0][0] == neuronpedia_id(graph, expected.key_marginals[0][0])
+    # graph nodes keep their export ids; sources outside the graph get the same form
+    some = next(iter(graph.graph.nodes))
+    assert neuronpedia_id(graph, some) in nodes
+    assert neuronpedia_id(graph, "feature:2:5@7") == "2_5_7" and neuronpedia_id(graph, "error:1@3") == "1_-1_3"
