@@ -192,7 +192,7 @@ def query_qk(graph, layer, head, query_position, key_position, edge, top, device
     lines = [f"head          L{layer}.H{head}: query {query_position} {tokens[query_position]!r} -> key "
              f"{key_position} {tokens[key_position]!r}",
              f"score         {result.score:+.5g} (pre-softmax; clean run {result.clean_score:+.5g}), "
-             f"pattern {result.pattern:.4f}",
+             f"pattern {result.pattern:.4f}" + (" (masked: outside the sliding window)" if result.masked else ""),
              "bias terms    " + ", ".join(f"{k} {v:+.4g}" for k, v in result.bias_terms.items()),
              "top pairs     (query source x key source)"]
     lines += [f"  {p.weight:+10.4g}  {p.query_source:<28} x {p.key_source}" for p in result.pairs]

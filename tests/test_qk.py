@@ -110,10 +110,14 @@ def test_scores_and_patterns_are_the_models_own(tiny_lm, cases, kind):
 @pytest.mark.parametrize("kind", list(KINDS))
 def test_pairs_and_biases_sum_to_the_score(cases, kind):
     _, _, state, queries = cases[kind]
-    for layer, head, query, key in [(0, 1, 5, 3), (1, 0, 12, 2), (2, 3, 11, 9), (3, 2, 12, 12), (3, 1, 8, 0)]:
+    for layer, head, query, key in [(0, 1, 5, 3), (1, 0, 12, 2), (2, 3, 11, 9), (3, 2, 12, 12), (3, 1, 8, 0),
+                                    (2, 0, 12, 3)]:  # the last: outside layer 2's sliding window
         result = queries.attribute(layer, head, query, key, top=10**6)
         scores, pattern = queries.attention_scores(layer)
-        assert result.clean_score == pytest.approx(float(scores[head, query, key]), rel=1e-5, abs=1e-6)
+        assert result.masked == (not bool(torch.isfinite(scores[head, query, key])))
+        assert result.masked == (layer % 2 == 0 and query - key >= 4)  # sliding layers 0 and 2, window 4
+        if not result.masked:
+            assert result.clean_score == pytest.approx(float(scores[head, query, key]), rel=1e-5, abs=1e-6)
         assert result.pattern == pytest.approx(float(pattern[head, query, key]), rel=1e-6)
         assert result.score == pytest.approx(result.clean_score, rel=1e-5, abs=1e-6)
         pairs = sum(p.weight for p in result.pairs)

@@ -106,7 +106,8 @@ class QKPair:
 class QKAttribution:
     """Head ``head`` of ``layer``, query position ``query``, key position ``key``: ``score`` (pre-softmax, with the
     query scaling) = sum of every pair + ``bias_terms`` (``query_sources*key_bias``, ``query_bias*key_sources``,
-    ``bias*bias``); ``pattern``: the clean run's attention probability. ``pairs``, ``query_marginals`` (a_i . key)
+    ``bias*bias``); ``pattern``: the clean run's attention probability (0 where ``masked``: the key is outside the
+    layer's sliding window, and the score does not enter the softmax). ``pairs``, ``query_marginals`` (a_i . key)
     and ``key_marginals`` (query . b_j): the largest |weight| first; the marginals plus their side's bias term
     (``query_bias*key`` = a_0 . key, ``query*key_bias`` = query . b_0) sum to the score too."""
 
@@ -121,6 +122,7 @@ class QKAttribution:
     query_marginals: list[tuple[str, float]]
     key_marginals: list[tuple[str, float]]
     bias_terms: dict[str, float] = field(default_factory=dict)
+    masked: bool = False
 
 
 class AttentionQueries:
@@ -226,14 +228,20 @@ class AttentionQueries:
         scores = queries @ keys.transpose(1, 2)  # [H, P, P]
         P = scores.shape[-1]
         q_pos, k_pos = torch.arange(P)[:, None], torch.arange(P)[None, :]
-        hidden = k_pos > q_pos
-        window = getattr(self.attention_modules[layer], "sliding_window", None)
-        if window:
-            hidden |= q_pos - k_pos >= window
+        hidden = self._hidden(layer, q_pos, k_pos)
         cap = getattr(state.lm.config, "attn_logit_softcapping", None)
         if cap:
             scores = cap * torch.tanh(scores / cap)
         return scores.masked_fill(hidden, float("-inf")), state.clean.layers[layer].pattern.float().cpu()
+
+    def _hidden(self, layer: int, query, key):
+        """Whether the mask hides ``key`` from ``query`` (ints or broadcasting tensors): causal, and the sliding
+        window of a sliding layer."""
+        hidden = key > query
+        window = getattr(self.attention_modules[layer], "sliding_window", None)
+        if window:
+            hidden = hidden | (query - key >= window)
+        return hidden
 
     @torch.no_grad()
     def attribute(self, layer: int, head: int, query: int, key: int, top: int = 20) -> QKAttribution:
@@ -263,7 +271,7 @@ class AttentionQueries:
             pattern=float(state.clean.layers[layer].pattern[head, query, key]), pairs=top_pairs,
             query_marginals=self._top(q_live, a[q_live] @ key_vector, top),
             key_marginals=self._top(k_live, b[k_live] @ query_vector, top),
-            bias_terms=bias_terms,
+            bias_terms=bias_terms, masked=bool(self._hidden(layer, query, key)),
         )
 
     def _top(self, nodes: torch.Tensor, values: torch.Tensor, top: int) -> list[tuple[str, float]]:

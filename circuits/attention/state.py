@@ -74,6 +74,14 @@ class TraceState:
         return {(layer, index, pos): k for k, (layer, index, pos)
                 in enumerate(zip(f.layer.tolist(), f.index.tolist(), f.position.tolist(), strict=True))}
 
+    @cached_property
+    def _feature_at_node(self) -> torch.Tensor:
+        """[n_nodes] the active feature number of each feature node (-1 elsewhere)."""
+        lay = self.layout
+        inverse = torch.full((lay.n_nodes,), -1, dtype=torch.long)
+        inverse[lay.feature_node.cpu()] = torch.arange(len(lay.feature_node))
+        return inverse
+
     def node(self, node_id: str) -> Node:
         """The layout node of a graph id; a clear error for an id this prompt's model has no such node for."""
         match = _ID.match(node_id)
@@ -116,7 +124,7 @@ class TraceState:
             return f"token@{position}"
         if kind == ERROR:
             return f"error:{layer}@{position}"
-        k = int((lay.feature_node == index).nonzero()[0, 0])
+        k = int(self._feature_at_node[index])
         return f"feature:{layer}:{int(self.replacement.features.index[k])}@{position}"
 
     def target_seed(self, target: Node) -> tuple[int, torch.Tensor, bool]:
