@@ -105,7 +105,7 @@ def test_head_shares_sum_to_the_edge_and_each_equals_its_route_perturbation(tiny
     dicts, att, state = cases[kind]
     A, _ = dense_rows(att)
     lay = att.layout
-    checked, biggest = 0, 0.0
+    checked, biggest, above = 0, 0.0, 0.0
     for source, row in _pick_edges(att, A):
         target_id = (f"logit:{att.logits.token_ids[0]}@{att.position}" if row >= att.n_features else
                      f"feature:3:{int(att.replacement.features.index[row])}@{int(lay.position[lay.target_nodes[row]])}")
@@ -119,6 +119,7 @@ def test_head_shares_sum_to_the_edge_and_each_equals_its_route_perturbation(tiny
             assert share.edge == pytest.approx(edge, rel=1e-5, abs=1e-6 * scale)
             if kind != "clt":
                 assert share.above == pytest.approx(0.0, abs=1e-6 * scale)
+            above = max(above, abs(share.above) / scale)
         # every route of one layer between the ends against a perturbation
         source_layer = int(lay.layer[source])
         layer = shares[len(shares) // 2].layer
@@ -139,6 +140,7 @@ def test_head_shares_sum_to_the_edge_and_each_equals_its_route_perturbation(tiny
         checked += 1
     assert checked >= 4
     assert biggest > 1e-2, "some checked head carries a real part of its edge"
+    assert (above > 1e-3) == (kind == "clt"), "a CLT feature's writes to layers above the split bypass it"
 
 
 @pytest.mark.parametrize("kind", ["skip-transcoder", "clt"])
