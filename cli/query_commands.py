@@ -122,6 +122,21 @@ def query_compare(graph, other_path, top, by_node, as_json) -> None:
     _emit(as_json, result, comparison_text(result))
 
 
+def _check_before_loading(graph, nodes=(), layer=None, positions=()) -> None:
+    """What can be checked from the graph file alone, before the model is loaded and the prompt rerun."""
+    from circuits.attention.state import check_node_id
+    from dictionaries.errors import CircuitscopeError
+
+    meta = graph.metadata
+    for node in nodes:
+        check_node_id(node, len(meta.tokens))
+    if layer is not None and not 0 <= layer < meta.n_layers:
+        raise CircuitscopeError(f"layer {layer} is outside 0..{meta.n_layers - 1}")
+    for position in positions:
+        if not 0 <= position < len(meta.tokens):
+            raise CircuitscopeError(f"position {position} is outside the prompt's {len(meta.tokens)} tokens")
+
+
 def _trace_state(graph, device):
     """The frozen model of the graph's trace, with the model and dictionaries the graph names."""
     from circuits.attention.state import state_from_graph
@@ -148,6 +163,7 @@ def query_heads(graph, source, target, layer, device, as_json) -> None:
     residual route and one route per head (signed; they sum to the edge). Reruns the graph's prompt."""
     from circuits.attention.heads import head_shares
 
+    _check_before_loading(graph, (source, target), layer)
     shares = head_shares(_trace_state(graph, device), source, target, layer)
     lines = [f"edge          {source} -> {target}: {shares[0].edge:+.5g} (recomputed; the graph stores "
              f"{graph.graph.edges[source, target]['weight']:+.5g})" if graph.graph.has_edge(source, target) else
@@ -187,6 +203,10 @@ def query_qk(graph, layer, head, query_position, key_position, edge, top, device
         key_position, query_position = ends
     if query_position is None or key_position is None:
         raise click.UsageError("give --query and --key, or --edge SOURCE TARGET")
+    _check_before_loading(graph, edge or (), layer, (query_position, key_position))
+    if key_position > query_position:
+        raise click.UsageError(f"key position {key_position} is after query position {query_position} "
+                               "(attention is causal)")
     result = AttentionQueries(_trace_state(graph, device)).attribute(layer, head, query_position, key_position, top)
     tokens = meta.tokens
     lines = [f"head          L{layer}.H{head}: query {query_position} {tokens[query_position]!r} -> key "

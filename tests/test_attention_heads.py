@@ -224,3 +224,9 @@ def test_cli_heads_and_qk_on_a_traced_graph(tmp_path, tiny_checkpoint_dir):
     assert len(routes) == 10 and all(len(r["heads"]) == 2 for r in routes)
     exported = json.loads(np_path.read_text())["nodes"]
     assert sum(n["qk_tracing_results"] is not None for n in exported) == 2
+    for args, words in [(["heads", "remainder:1@3", target], "not a token"),
+                        (["heads", "token@99", target], "position"),
+                        (["qk", "--layer", "7", "--head", "0", "--query", "3", "--key", "1"], "layer 7"),
+                        (["qk", "--layer", "1", "--head", "0", "--query", "3", "--key", "5"], "causal")]:
+        result = CliRunner().invoke(main, ["query", str(out), *args])
+        assert result.exit_code == 2 and words in result.stderr, (args, result.output)

@@ -47,6 +47,17 @@ class Node:
     logit: int | None = None
 
 
+def check_node_id(node_id: str, n_positions: int) -> None:
+    """Refuse, before any model is loaded, an id that names no token, feature, error or logit of a prompt of
+    ``n_positions`` tokens."""
+    match = _ID.match(node_id)
+    if match is None or match.group(1) == "remainder":
+        raise CircuitscopeError(f"{node_id!r} is not a token, feature, error or logit id (token@P, feature:L:I@P, "
+                                "error:L@P, logit:T@P)")
+    if int(match.group(3)) >= n_positions:
+        raise CircuitscopeError(f"{node_id!r}: position outside the prompt's {n_positions} tokens")
+
+
 class TraceState:
     """Everything the frozen linear model of one prompt needs (see the module docstring)."""
 
