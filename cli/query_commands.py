@@ -1,4 +1,4 @@
-"""``circuitscope query GRAPH paths|node|top|search|compare``."""
+"""``circuitscope query GRAPH paths|node|top|search|compare|heads|qk``."""
 
 from __future__ import annotations
 
@@ -10,14 +10,14 @@ from circuits.graph.node_kinds import node_kind_names
 
 from .app import Group, main
 from .feature_specs import parse_feature_search
-from .options import json_option
+from .options import device_option, json_option
 
 
 @main.group("query", cls=Group)
 @click.argument("graph_path", metavar="GRAPH.json")
 @click.pass_context
 def query(ctx: click.Context, graph_path: str) -> None:
-    """Ask a graph JSON file questions: paths, node, top, search, compare (tables, or --json)."""
+    """Ask a graph JSON file questions: paths, node, top, search, compare, heads, qk (tables, or --json)."""
     from circuits.graph.attribution_graph import AttributionGraph
 
     ctx.obj = AttributionGraph.load(graph_path)
@@ -120,3 +120,135 @@ def query_compare(graph, other_path, top, by_node, as_json) -> None:
 
     result = compare_graphs(graph, AttributionGraph.load(other_path), top, "node" if by_node else "feature")
     _emit(as_json, result, comparison_text(result))
+
+
+def _check_before_loading(graph, nodes=(), layer=None, positions=()) -> None:
+    """What can be checked from the graph file alone, before the model is loaded and the prompt rerun."""
+    from circuits.attention.state import check_node_id
+    from dictionaries.errors import CircuitscopeError
+
+    meta = graph.metadata
+    for node in nodes:
+        check_node_id(node, len(meta.tokens))
+    if layer is not None and not 0 <= layer < meta.n_layers:
+        raise CircuitscopeError(f"layer {layer} is outside 0..{meta.n_layers - 1}")
+    for position in positions:
+        if not 0 <= position < len(meta.tokens):
+            raise CircuitscopeError(f"position {position} is outside the prompt's {len(meta.tokens)} tokens")
+
+
+def _trace_state(graph, device):
+    """The frozen model of the graph's trace, with the model and dictionaries the graph names."""
+    from circuits.attention.state import state_from_graph
+
+    from .loading import load_model_and_dictionaries
+
+    meta = graph.metadata
+    if meta.dictionaries.source is None:
+        raise click.UsageError("the graph does not name its dictionaries, so its trace cannot be rebuilt")
+    loaded = load_model_and_dictionaries(meta.model, meta.dictionaries.source, meta.settings.dtype, device)
+    return state_from_graph(graph, loaded.lm, loaded.dicts)
+
+
+@query.command("heads")
+@click.argument("source")
+@click.argument("target")
+@click.option("--layer", type=int, default=None, help="Split at this attention layer only (default: every layer "
+                                                      "between the two nodes).")
+@device_option
+@json_option
+@click.pass_obj
+def query_heads(graph, source, target, layer, device, as_json) -> None:
+    """Which attention heads carry the edge SOURCE -> TARGET: at each layer between them, the edge split into the
+    residual route and one route per head (signed; they sum to the edge). Reruns the graph's prompt."""
+    from circuits.attention.heads import head_shares
+
+    _check_before_loading(graph, (source, target), layer)
+    shares = head_shares(_trace_state(graph, device), source, target, layer)
+    lines = [f"edge          {source} -> {target}: {shares[0].edge:+.5g} (recomputed; the graph stores "
+             f"{graph.graph.edges[source, target]['weight']:+.5g})" if graph.graph.has_edge(source, target) else
+             f"edge          {source} -> {target}: {shares[0].edge:+.5g} (not kept in the graph)",
+             f"  {'layer':>5} {'above':>9} {'residual':>9}  heads"]
+    for share in shares:
+        heads = " ".join(f"{h}:{v:+.4g}" for h, v in sorted(enumerate(share.heads), key=lambda x: -abs(x[1])))
+        lines.append(f"  {share.layer:>5} {share.above:+9.4g} {share.residual:+9.4g}  {heads}")
+    lines.append("note          above: the source's writes to layers at or above the split (cross-layer "
+                 "dictionaries); edge = above + residual + sum of heads")
+    _emit(as_json, shares, "\n".join(lines))
+
+
+@query.command("qk")
+@click.option("--layer", type=int, required=True, help="Attention layer.")
+@click.option("--head", type=int, required=True, help="Query head.")
+@click.option("--query", "query_position", type=int, default=None, help="Query position.")
+@click.option("--key", "key_position", type=int, default=None, help="Key position.")
+@click.option("--edge", nargs=2, default=None, metavar="SOURCE TARGET",
+              help="Instead of --query/--key: the target's position attends to the source's.")
+@click.option("--top", default=20, show_default=True, help="Pairs and contributors listed.")
+@device_option
+@json_option
+@click.pass_obj
+def query_qk(graph, layer, head, query_position, key_position, edge, top, device, as_json) -> None:
+    """Why a head attended: its pre-softmax score at (query, key) split into pairs of sources present at the query
+    and at the key, plus bias terms (they sum to the score), with the top contributors on each side."""
+    from circuits.attention.qk import AttentionQueries
+
+    meta = graph.metadata
+    if edge is not None:
+        ends = []
+        for node in edge:
+            if node not in graph.graph.nodes:
+                raise click.UsageError(f"{node} is not a node of this graph")
+            ends.append(graph.graph.nodes[node]["position"])
+        key_position, query_position = ends
+    if query_position is None or key_position is None:
+        raise click.UsageError("give --query and --key, or --edge SOURCE TARGET")
+    _check_before_loading(graph, edge or (), layer, (query_position, key_position))
+    if key_position > query_position:
+        raise click.UsageError(f"key position {key_position} is after query position {query_position} "
+                               "(attention is causal)")
+    result = AttentionQueries(_trace_state(graph, device)).attribute(layer, head, query_position, key_position, top)
+    tokens = meta.tokens
+    lines = [f"head          L{layer}.H{head}: query {query_position} {tokens[query_position]!r} -> key "
+             f"{key_position} {tokens[key_position]!r}",
+             f"score         {result.score:+.5g} (pre-softmax; clean run {result.clean_score:+.5g}), "
+             f"pattern {result.pattern:.4f}" + (" (masked: outside the sliding window)" if result.masked else ""),
+             "bias terms    " + ", ".join(f"{k} {v:+.4g}" for k, v in result.bias_terms.items()),
+             "top pairs     (query source x key source)"]
+    lines += [f"  {p.weight:+10.4g}  {p.query_source:<28} x {p.key_source}" for p in result.pairs]
+    lines.append("query side    (source . key)")
+    lines += [f"  {w:+10.4g}  {name}" for name, w in result.query_marginals]
+    lines.append("key side      (query . source)")
+    lines += [f"  {w:+10.4g}  {name}" for name, w in result.key_marginals]
+    _emit(as_json, result, "\n".join(lines))
+
+
+@query.command("attention")
+@click.option("--top-edges", default=500, show_default=True, help="Annotate this many of the strongest "
+                                                                   "cross-position edges.")
+@click.option("--heads", "n_heads", default=3, show_default=True, help="Head routes listed per edge.")
+@click.option("--neuronpedia", "np_path", default=None, help="Also write the Neuronpedia JSON with QK results "
+                                                             "(qk_tracing_results) for the strongest edges' targets.")
+@click.option("--qk-nodes", default=10, show_default=True, help="Targets given QK results in the Neuronpedia JSON.")
+@device_option
+@json_option
+@click.pass_obj
+def query_attention(graph, top_edges, n_heads, np_path, qk_nodes, device, as_json) -> None:
+    """The strongest cross-position edges, each with the attention heads that carry most of it (layer.head and the
+    signed share), from one backward pass per target. Reruns the graph's prompt."""
+    from circuits.attention.heads import annotate_edges
+
+    state = _trace_state(graph, device)
+    routes = annotate_edges(state, graph, top_edges, n_heads)
+    if np_path is not None:
+        from circuits.attention.export import neuronpedia_qk
+        from circuits.graph.neuronpedia import save_neuronpedia
+
+        save_neuronpedia(graph, np_path, qk_tracing=neuronpedia_qk(state, graph, routes, qk_nodes))
+    lines = [f"  {'weight':>9}  {'source':<26} {'target':<26} heads (layer.head share)"]
+    for r in routes:
+        heads = " ".join(f"L{layer}.H{head} {share:+.3g}" for layer, head, share in r.heads)
+        lines.append(f"  {r.weight:+9.4g}  {r.source:<26} {r.target:<26} {heads}")
+    if np_path is not None:
+        lines.append(f"neuronpedia   {np_path}")
+    _emit(as_json, routes, "\n".join(lines))

@@ -159,6 +159,13 @@ def _prepare(lm: LoadedModel, dicts: DictionarySet, prompt: str, settings: Trace
     return _Prepared(input_ids, position, clean, replacement, layout, logits, rows, timings)
 
 
+def prepare_attribution(lm: LoadedModel, dicts: DictionarySet, prompt: str,
+                        settings: TraceSettings | None = None) -> _Prepared:
+    """The state an attribution starts from (clean run, replacement, layout, logit targets, a row computer),
+    without computing any row: what the attention queries (:mod:`circuits.attention`) rebuild from a graph."""
+    return _prepare(lm, dicts, prompt, settings or TraceSettings())
+
+
 _BANDWIDTH: dict[str, float] = {}
 _PROBE_ROWS = 16  # rows in the plan's timed probe
 

@@ -151,6 +151,17 @@ class EdgeRowComputer:
         out[:, :n] += torch.einsum("bpd,pd->bp", grad_emb, self.embeddings[:n])  # token nodes come first
         return out
 
+    def source_rows(self, top_layer: int, grad_out: torch.Tensor) -> torch.Tensor:
+        """Every source's value [B, n_sources] for gradient rows ``grad_out`` [B, P', d] sitting on the residual
+        after ``top_layer`` (-1: on the embeddings): G . (what the source writes), through all frozen routes."""
+        width = self.layout.n_sources
+        if top_layer < 0:
+            out = torch.zeros(len(grad_out), width, device=self.embeddings.device)
+            n = grad_out.shape[1]
+            out[:, :n] = torch.einsum("bpd,pd->bp", grad_out.to(out.device), self.embeddings[:n])
+            return out
+        return self._run(top_layer, grad_out, {}, len(grad_out), width, torch.float32)
+
     def feature_rows(self, feature_ids: torch.Tensor, dtype: torch.dtype = torch.float32) -> list[RowBlock]:
         """Rows of active features ``feature_ids`` (any layers), one RowBlock per layer, float32 values.
 

@@ -126,25 +126,47 @@ class FrozenLinearBackward:
 
     def attention(self, layer: int, grad_mid: torch.Tensor) -> torch.Tensor:
         """G_mid [B, P', d] before ``layer``'s MLP -> G_in on the residual entering ``layer``."""
+        w, per_head = self._head_outputs(layer, grad_mid)
+        B, n, _ = per_head.shape
+        hd, group = self.head_dim, self.n_heads // self.n_kv  # GQA: the heads of a group share values
+        on_values = torch.zeros(B, n, self.n_kv * hd, dtype=per_head.dtype, device=per_head.device)
+        for h in range(self.n_heads):
+            kv = h // group
+            on_values[:, :, kv * hd:(kv + 1) * hd] += self._head_values(w, per_head, h)
+        return grad_mid.to(per_head.device) + (on_values @ w.W_V) * w.s_in[:n]
+
+    def head_terms(self, layer: int, grad_mid: torch.Tensor) -> torch.Tensor:
+        """Each head's term T_h [H, B, P', d] of :meth:`attention` for rows ``grad_mid`` [B, P', d]: the sum over
+        h is ``attention(layer, G) - G`` (the route through head h alone)."""
+        w, per_head = self._head_outputs(layer, grad_mid)
+        n, hd, group = per_head.shape[1], self.head_dim, self.n_heads // self.n_kv
+        return torch.stack([
+            (self._head_values(w, per_head, h) @ w.W_V[(h // group) * hd:(h // group + 1) * hd]) * w.s_in[:n]
+            for h in range(self.n_heads)
+        ])
+
+    def _head_outputs(self, layer: int, grad_mid: torch.Tensor) -> tuple[_LayerWeights, torch.Tensor]:
+        """``layer``'s weights in the rows' dtype and the gradient on every head's output [B, P', H * hd]."""
         w = self.weights(layer, grad_mid.dtype)
         grad_mid = grad_mid.to(w.W_O.device)
-        B, n, d = grad_mid.shape
-        H, hd, n_kv = self.n_heads, self.head_dim, self.n_kv
+        n = grad_mid.shape[1]
         on_output = grad_mid if w.s_post is None else grad_mid * w.s_post[:n]
-        per_head = on_output @ w.W_O  # [B, query, H * hd]: the gradient on each head's output
-        on_values = torch.zeros(B, n, n_kv * hd, dtype=grad_mid.dtype, device=grad_mid.device)  # [B, key, kv * hd]
-        group = H // n_kv  # GQA: the heads of a group share values
+        return w, on_output @ w.W_O
+
+    def _head_values(self, w: _LayerWeights, per_head: torch.Tensor, head: int) -> torch.Tensor:
+        """Pattern_h^T times head ``head``'s output gradient (in ``per_head`` [B, P', H * hd]): the gradient on the
+        values it read [B, P' keys, hd], block by block of keys, skipping the exact zeros."""
+        B, n, _ = per_head.shape
+        hd = self.head_dim
+        out = torch.zeros(B, n, hd, dtype=per_head.dtype, device=per_head.device)
         for key_start, key_end, query_start, query_end in w.key_blocks:
             if key_start >= n:
                 break
             key_end, query_end = min(key_end, n), min(query_end, n)
-            if query_start >= query_end:
-                continue
-            for h in range(H):
-                values = on_values[:, key_start:key_end, (h // group) * hd:(h // group + 1) * hd]
-                values += torch.matmul(w.pattern_T[h, key_start:key_end, query_start:query_end],
-                                       per_head[:, query_start:query_end, h * hd:(h + 1) * hd])
-        return grad_mid + (on_values @ w.W_V) * w.s_in[:n]
+            if query_start < query_end:
+                out[:, key_start:key_end] += torch.matmul(w.pattern_T[head, key_start:key_end, query_start:query_end],
+                                                          per_head[:, query_start:query_end, head * hd:(head + 1) * hd])
+        return out
 
     def propagate(
         self,

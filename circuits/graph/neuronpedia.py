@@ -67,6 +67,17 @@ class NPQueryParams(BaseModel):
     sg_pos: str = ""
 
 
+class NPQKTracing(BaseModel):
+    """Why an attention head attended (the schema's optional per-node ``qk_tracing_results``): pairs
+    [query node, key node, contribution to the score] and each side's marginal contributors [node, contribution],
+    node ids in this format (a source outside the graph keeps the id it would have). See
+    :mod:`circuits.attention.qk`."""
+
+    pair_wise_contributors: list[tuple[str, str, float]] = []
+    top_q_marginal_contributors: list[tuple[str, float]] = []
+    top_k_marginal_contributors: list[tuple[str, float]] = []
+
+
 class NPNode(BaseModel):
     node_id: str
     jsNodeId: str
@@ -81,6 +92,7 @@ class NPNode(BaseModel):
     clerp: str = ""
     influence: float | None = None
     activation: float | None = None
+    qk_tracing_results: NPQKTracing | None = None
 
 
 class NPLink(BaseModel):
@@ -124,8 +136,29 @@ def _node(graph: AttributionGraph, node: str, data: dict, negative: int) -> NPNo
                   activation=data.get("activation"))
 
 
-def to_neuronpedia(graph: AttributionGraph, options: NeuronpediaOptions | None = None) -> NeuronpediaGraph:
-    """The graph in the frontend's format (see the module docstring)."""
+def neuronpedia_id(graph: AttributionGraph, node: str) -> str:
+    """The ``node_id`` this export gives graph id ``node`` (a token, feature, error or logit id; the node need not be
+    in the graph: a source named by a QK attribution may have been pruned)."""
+    if node in graph.graph.nodes:
+        return _node(graph, node, graph.graph.nodes[node], -1).node_id
+    kind, _, rest = node.partition(":")
+    if node.startswith("token@"):
+        position = int(node.split("@")[1])
+        return f"E_{graph.metadata.token_ids[position]}_{position}"
+    middle, _, position = rest.rpartition("@")
+    if kind == "feature":
+        layer, index = middle.split(":")
+        return f"{layer}_{index}_{position}"
+    if kind == "error":
+        return f"{middle}_-1_{position}"
+    raise CircuitscopeError(f"{node!r} has no Neuronpedia id outside the graph")
+
+
+def to_neuronpedia(graph: AttributionGraph, options: NeuronpediaOptions | None = None,
+                   qk_tracing: dict[str, NPQKTracing] | None = None) -> NeuronpediaGraph:
+    """The graph in the frontend's format (see the module docstring); ``qk_tracing`` (graph node id -> QK results,
+    node ids already in this format: see :func:`circuits.attention.export.neuronpedia_qk`) fills those nodes'
+    ``qk_tracing_results``."""
     options = options or NeuronpediaOptions()
     meta = graph.metadata
     non_logits = [n for n, kind in graph.graph.nodes(data="kind") if kind != "logit"]
@@ -138,6 +171,7 @@ def to_neuronpedia(graph: AttributionGraph, options: NeuronpediaOptions | None =
             negative -= 1
         np_node = _node(graph, node, data, negative)
         np_node.influence = shares.get(node)
+        np_node.qk_tracing_results = (qk_tracing or {}).get(node)
         ids[node] = np_node.node_id
         nodes.append(np_node)
     links = [NPLink(source=ids[s], target=ids[t], weight=w) for s, t, w in graph.graph.edges(data="weight")]
@@ -159,7 +193,8 @@ def to_neuronpedia(graph: AttributionGraph, options: NeuronpediaOptions | None =
     return NeuronpediaGraph(metadata=metadata, qParams=params, nodes=nodes, links=links)
 
 
-def save_neuronpedia(graph: AttributionGraph, path: str | Path, options: NeuronpediaOptions | None = None) -> Path:
+def save_neuronpedia(graph: AttributionGraph, path: str | Path, options: NeuronpediaOptions | None = None,
+                     qk_tracing: dict[str, NPQKTracing] | None = None) -> Path:
     """Write the frontend JSON to ``path`` (atomically)."""
-    write_text_atomic(path, to_neuronpedia(graph, options).model_dump_json())
+    write_text_atomic(path, to_neuronpedia(graph, options, qk_tracing).model_dump_json())
     return Path(path)
