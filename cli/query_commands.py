@@ -1,4 +1,4 @@
-"""``circuitscope query GRAPH paths|node|top|search|compare|heads|qk``."""
+"""``circuitscope query GRAPH paths|node|top|search|compare|supernodes|heads|qk|attention``."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import json
 import click
 
 from circuits.graph.node_kinds import node_kind_names
+from circuits.graph.supernodes import GROUPINGS
 
 from .app import Group, main
 from .feature_specs import parse_feature_search
@@ -17,7 +18,8 @@ from .options import device_option, json_option
 @click.argument("graph_path", metavar="GRAPH.json")
 @click.pass_context
 def query(ctx: click.Context, graph_path: str) -> None:
-    """Ask a graph JSON file questions: paths, node, top, search, compare, heads, qk (tables, or --json)."""
+    """Ask a graph JSON file questions: paths, node, top, search, compare, supernodes, heads, qk, attention
+    (tables, or --json)."""
     from circuits.graph.attribution_graph import AttributionGraph
 
     ctx.obj = AttributionGraph.load(graph_path)
@@ -36,18 +38,57 @@ def _emit(as_json: bool, data, text: str) -> None:
         click.echo(text)
 
 
+_GROUPINGS = click.Choice(list(GROUPINGS))
+_KINDS = click.Choice(node_kind_names())
+
+
 @query.command("paths")
 @click.option("--target", default=None, help="Target node id (default: the most likely logit).")
 @click.option("-k", "k", default=5, show_default=True, help="How many paths.")
+@click.option("--min-feature-hops", default=0, show_default=True,
+              help="At least this many feature (or supernode) nodes between source and target.")
+@click.option("--direct/--no-direct", default=False, show_default=True,
+              help="Also list one-edge paths (a token straight into the target); hidden by default, they explain "
+                   "nothing.")
+@click.option("--exclude", "exclude", type=_KINDS, multiple=True,
+              help="No intermediate node of this kind (repeat: --exclude error --exclude remainder).")
+@click.option("--layers", default=None, metavar="LOW-HIGH", help="Every intermediate node's layer in this range.")
+@click.option("--supernodes", type=_GROUPINGS, default=None, help="Merge groups of features first (see `supernodes`).")
 @json_option
 @click.pass_obj
-def query_paths(graph, target, k, as_json) -> None:
-    """The strongest paths from token nodes to a target (product of normalised edge weights)."""
-    from circuits.graph.paths import strongest_paths
+def query_paths(graph, target, k, min_feature_hops, direct, exclude, layers, supernodes, as_json) -> None:
+    """The strongest paths from token nodes to a target (product of normalised edge weights), each node with
+    its layer and label. Direct token -> target edges are left out unless --direct."""
+    from circuits.graph.paths import PathFilter, parse_layer_range, strongest_paths
+    from circuits.graph.supernodes import merge_by
     from viz.tables import paths_table
 
-    paths = strongest_paths(graph, target, k)
-    _emit(as_json, paths, paths_table(graph, paths))
+    only = PathFilter(min_feature_hops=min_feature_hops, direct=direct, exclude_kinds=frozenset(exclude),
+                      layers=parse_layer_range(layers) if layers else None)
+    if supernodes:
+        graph = merge_by(graph, supernodes)
+    paths = strongest_paths(graph, target, k, only=only)
+    text = paths_table(graph, paths) if paths else "no path satisfies these constraints"
+    if not direct:
+        text += "\n(one-edge paths from a token straight into the target are hidden; --direct lists them)"
+    _emit(as_json, paths, text)
+
+
+@query.command("supernodes")
+@click.option("--method", type=_GROUPINGS, default="auto", show_default=True,
+              help="auto: similar features of one layer band and position; label: nodes sharing a label; "
+                   "feature: one feature across positions.")
+@click.option("--top", default=20, show_default=True, help="Groups listed, most influential first.")
+@json_option
+@click.pass_obj
+def query_supernodes(graph, method, top, as_json) -> None:
+    """Groups of features that read as one concept (what `render --supernodes` and `paths --supernodes` merge)."""
+    from circuits.graph.supernodes import describe_groups, node_groups
+    from viz.tables import groups_table
+
+    groups = describe_groups(graph, node_groups(graph, method))
+    text = groups_table(groups[:top], len(groups), sum(len(g.members) for g in groups)) if groups else "no groups"
+    _emit(as_json, groups[:top], text)
 
 
 @query.command("node")
@@ -68,9 +109,6 @@ def _node_rows(graph, nodes) -> list[dict]:
     from circuits.graph.attribution_graph import NodeData
 
     return [NodeData(id=n, **graph.graph.nodes[n]).model_dump() for n in nodes]
-
-
-_KINDS = click.Choice(node_kind_names())
 
 
 @query.command("top")

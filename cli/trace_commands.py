@@ -6,6 +6,7 @@ from pathlib import Path
 
 import click
 
+from circuits.graph.supernodes import GROUPINGS
 from dictionaries.errors import CircuitscopeError
 
 from .app import main
@@ -175,9 +176,12 @@ def _write_exports(graph, svg_path=None, html_path=None, np_path=None, limits=No
               help="OUT.svg (graphviz drawing), OUT.html (interactive page) or OUT.np.json (Neuronpedia frontend).")
 @click.option("--max-nodes", default=120, show_default=True, help="SVG: nodes drawn besides tokens and logits.")
 @click.option("--max-edges", default=400, show_default=True, help="SVG: edges drawn, most important first.")
-def render_command(graph_path: str, output: str, max_nodes: int, max_edges: int) -> None:
+@click.option("--supernodes", type=click.Choice(list(GROUPINGS)), default=None,
+              help="Draw groups of features as one node each (see `circuitscope query GRAPH supernodes`).")
+def render_command(graph_path: str, output: str, max_nodes: int, max_edges: int, supernodes: str | None) -> None:
     """Render a graph JSON file as SVG or interactive HTML, or export it for Neuronpedia."""
     from circuits.graph.attribution_graph import AttributionGraph
+    from circuits.graph.supernodes import merge_by
     from viz.selection import DrawLimits
 
     name = output.lower()
@@ -187,5 +191,7 @@ def render_command(graph_path: str, output: str, max_nodes: int, max_edges: int)
     if max_nodes < 1 or max_edges < 0:
         raise CircuitscopeError("--max-nodes must be >= 1 and --max-edges >= 0")
     graph = AttributionGraph.load(graph_path)
+    if supernodes:
+        graph = merge_by(graph, supernodes)
     paths = {".svg": "svg_path", ".html": "html_path", ".np.json": "np_path"}
     _write_exports(graph, limits=DrawLimits(max_nodes=max_nodes, max_edges=max_edges), **{paths[kind]: output})

@@ -88,3 +88,44 @@ def traced_graph(lm, prompt: str = PROMPT, width: int = 16, **settings) -> Attri
         dicts = random_dictionary_set(lm.n_layers, lm.d_model, width, seed=0)
         _TRACED[key] = trace(lm, dicts, prompt, TraceSettings(**settings), dictionaries_source="random")
     return _TRACED[key]
+
+
+def random_layered_graph(seed: int, n_layers: int = 4, positions: int = 3, density: float = 0.45) -> AttributionGraph:
+    """A random attribution-shaped DAG: tokens (layer -1), per (layer, position) two or three features and an
+    error node, two logits at the last position; every edge goes up in layer and never back in position, with
+    a random signed weight. Metadata from :func:`hand_built_graph` (only the tokens matter to queries)."""
+    import random
+
+    rng = random.Random(seed)
+    g = nx.DiGraph()
+    below: list[str] = []
+    for p in range(positions):
+        g.add_node(f"token@{p}", **_node("token", -1, p, 0.1, token=f"t{p}", token_id=p))
+        below.append(f"token@{p}")
+    for layer in range(n_layers):
+        here = []
+        for p in range(positions):
+            for index in range(rng.choice((2, 3))):
+                node, data = _feature(layer, index, p, rng.random() / 10, label=rng.choice(("x", "y", None)))
+                g.add_node(node, **data)
+                here.append(node)
+            g.add_node(f"error:{layer}@{p}", **_node("error", layer, p, 0.01))
+            here.append(f"error:{layer}@{p}")
+        for t in here:
+            for s in below:
+                if g.nodes[s]["position"] <= g.nodes[t]["position"] and g.nodes[t]["kind"] != "error" \
+                        and rng.random() < density:
+                    g.add_edge(s, t, weight=rng.choice((-1, 1)) * rng.uniform(0.1, 2.0))
+            if g.nodes[t]["kind"] == "error" and rng.random() < 0.5:
+                g.add_edge(f"token@{g.nodes[t]['position']}", t, weight=rng.uniform(0.1, 1.0))
+        below += here
+    for index, probability in ((100, 0.7), (101, 0.2)):
+        logit = f"logit:{index}@{positions - 1}"
+        g.add_node(logit, **_node("logit", n_layers, positions - 1, 0.0, token=f"o{index}", token_id=index,
+                                  probability=probability, value=1.0))
+        for s in below:
+            if rng.random() < density:
+                g.add_edge(s, logit, weight=rng.choice((-1, 1)) * rng.uniform(0.1, 2.0))
+    metadata = hand_built_graph().metadata.model_copy(update={
+        "tokens": [f"t{p}" for p in range(positions)], "token_ids": list(range(positions)), "n_layers": n_layers})
+    return AttributionGraph(g, metadata)

@@ -16,7 +16,8 @@ import torch
 from click.testing import CliRunner
 
 from circuits.graph.attribution_graph import AttributionGraph
-from circuits.graph.paths import strongest_paths
+from circuits.graph.paths import PathFilter, strongest_paths
+from circuits.graph.supernodes import merge_by
 from cli import main
 from dictionaries.bundled import default_dictionaries_path
 from dictionaries.evaluation import evaluate
@@ -64,6 +65,27 @@ def test_paris_is_a_logit_node_reached_by_feature_paths_from_france_and_capital(
         through_features = [p for p in paths if any(G.nodes[n]["kind"] == "feature" for n in p.nodes[1:-1])]
         assert through_features, f"no feature path from {word!r} to ' Paris': {paths}"
         assert all(p.sign != 0 and p.strength > 0 for p in through_features)
+
+
+def test_paths_with_a_feature_hop_go_through_features_and_groups_read_in_concepts(main_job):
+    """On the default graph the strongest paths are mostly one edge, token -> logit; with --min-feature-hops 1
+    every listed path passes a feature, and the automatic groups merge into an acyclic graph."""
+    graph_path = main_job[0] / "graph.json"
+    result = CliRunner().invoke(main, ["query", str(graph_path), "paths", "--min-feature-hops", "1", "--json"])
+    assert result.exit_code == 0, result.output
+    paths = json.loads(result.stdout)
+    graph = AttributionGraph.load(graph_path)
+    kinds = graph.graph.nodes
+    assert len(paths) == 5
+    assert all(sum(kinds[n]["kind"] == "feature" for n in p["nodes"][1:-1]) >= 1 for p in paths)
+    unconstrained = strongest_paths(graph, k=5)
+    assert paths[0]["strength"] <= unconstrained[0].strength
+    assert [p["nodes"] for p in paths] == [p.nodes for p in strongest_paths(graph, only=PathFilter(min_feature_hops=1))]
+    result = CliRunner().invoke(main, ["query", str(graph_path), "supernodes", "--top", "5", "--json"])
+    groups = json.loads(result.stdout)
+    assert len(groups) == 5 and all(len(g["members"]) > 1 for g in groups)
+    merged = merge_by(graph, "auto")
+    assert strongest_paths(merged, k=3, only=PathFilter(min_feature_hops=1))  # acyclic: paths do not refuse
 
 
 def _readme_mean_fvu() -> float:

@@ -1,6 +1,7 @@
 """`circuitscope trace --svg/--html/--neuronpedia`, `render` and `query`: output, JSON, and exit code 2 with
 one message for user errors."""
 
+import html
 import json
 import shutil
 
@@ -56,6 +57,21 @@ def test_render_svg_html_and_neuronpedia(traced):
     assert code == 2 and "OUT.svg, OUT.html or OUT.np.json" in out
 
 
+@needs_graphviz
+def test_render_with_automatic_supernodes(traced):
+    root, _ = traced
+    for name in ("s.svg", "s.html"):
+        code, out = _run("render", root / "g.json", "-o", root / name, "--supernodes", "auto")
+        assert code == 0, out
+    code, out = _run("query", root / "g.json", "supernodes", "--json")
+    groups = json.loads(out)
+    assert groups and all(len(g["members"]) > 1 for g in groups)
+    svg, page = html.unescape((root / "s.svg").read_text()), (root / "s.html").read_text()
+    strongest = "supernode:" + groups[0]["name"]
+    assert strongest in svg and strongest in page and f"{len(groups[0]['members'])} nodes" in svg
+    assert groups[0]["members"][0] not in svg  # drawn as its group, not on its own
+
+
 def test_render_without_graphviz_says_how_to_install(tmp_path, monkeypatch):
     def missing(*args, **kwargs):
         raise graphviz.ExecutableNotFound(["neato"])
@@ -85,13 +101,59 @@ def hand_file(tmp_path):
 
 
 def test_query_paths(hand_file):
+    # by default the one-edge path token@2 -> logit (0.2, second strongest) is hidden: the best two explain
     code, out = _run("query", hand_file / "a.json", "paths", "-k", 2)
     assert code == 0, out
-    assert "0.4" in out and "“cat” @2 → animal “cat”" in out and out.count("\n") == 4  # header, rule, two rows
-    code, out = _run("query", hand_file / "a.json", "paths", "--target", "logit:11@2", "--json")
+    assert out.count("#") == 2 and "#1  strength 0.4  sign +" in out and "#2  strength 0.1333  sign +" in out
+    rows = [line.split() for line in out.splitlines()]  # each node: id, layer, label, the weight into it
+    assert [r[0] for r in rows if r and r[0] in ("token@2", "feature:0:5@2", "feature:1:3@2", "logit:10@2")] == [
+        "token@2", "feature:0:5@2", "feature:1:3@2", "logit:10@2", "feature:1:3@2", "logit:10@2"]
+    row = next(r for r in rows if r and r[0] == "feature:0:5@2")
+    assert row[1] == "0" and "animal" in row and row[-1] == "+3"
+    assert "--direct lists them" in out
+    code, out = _run("query", hand_file / "a.json", "paths", "-k", 2, "--direct")
+    assert "#2  strength 0.2  sign +" in out and "--direct lists them" not in out
+    code, out = _run("query", hand_file / "a.json", "paths", "--target", "logit:11@2", "--json", "--direct")
     paths = json.loads(out)
     assert {tuple(p["nodes"]) for p in paths} == {("token@1", "logit:11@2"), ("token@2", "feature:0:7@2", "logit:11@2")}
     assert all(p["sign"] == -1 and p["strength"] == 0.5 for p in paths)
+
+
+def test_query_paths_that_explain(hand_file):
+    def found(*options):
+        code, out = _run("query", hand_file / "a.json", "paths", "-k", 10, "--json", *options)
+        assert code == 0, out
+        return [tuple(p["nodes"]) for p in json.loads(out)]
+
+    assert found("--min-feature-hops", 2) == [
+        ("token@2", "feature:0:5@2", "feature:1:3@2", "logit:10@2"),
+        ("token@1", "feature:0:5@1", "feature:1:3@2", "logit:10@2"),
+        ("token@2", "feature:0:7@2", "feature:1:3@2", "logit:10@2")]
+    assert found("--layers", "1-1") == [] and len(found("--layers", "0-1")) == 3
+    assert found("--layers", "1-1", "--direct") == [("token@2", "logit:10@2")]
+    assert found("--exclude", "feature", "--direct") == [("token@2", "logit:10@2")]
+    # merged by label, the three "animal" features are one node: one path into it per token, then the logit
+    assert found("--supernodes", "label") == [("token@2", "supernode:animal", "logit:10@2"),
+                                              ("token@1", "supernode:animal", "logit:10@2"),
+                                              ("token@2", "feature:0:7@2", "supernode:animal", "logit:10@2")]
+    code, out = _run("query", hand_file / "a.json", "paths", "--min-feature-hops", 3)
+    assert code == 0 and out.startswith("no path satisfies these constraints")
+    code, out = _run("query", hand_file / "a.json", "paths", "--layers", "9-3")
+    assert code == 2 and "layer range '9-3' is empty" in out and "Traceback" not in out
+
+
+def test_query_supernodes(hand_file):
+    code, out = _run("query", hand_file / "a.json", "supernodes", "--method", "feature")
+    assert code == 0, out
+    lines = out.splitlines()
+    assert lines[0] == "1 groups of 2 nodes (shown: the 1 most influential)"
+    assert lines[1].split() == ["group", "members", "layers", "positions", "influence", "member", "labels"]
+    assert lines[3].split() == ["0:5", "2", "0", "1,2", "0.4", "animal"]
+    code, out = _run("query", hand_file / "a.json", "supernodes", "--method", "label", "--json")
+    assert [(g["name"], g["members"]) for g in json.loads(out)] == [
+        ("animal", ["feature:1:3@2", "feature:0:5@2", "feature:0:5@1"])]
+    code, out = _run("query", hand_file / "a.json", "supernodes")  # auto: no two features alike here
+    assert code == 0 and out.strip() == "no groups"
 
 
 def test_query_node(hand_file):

@@ -102,3 +102,18 @@ def test_compare_two_prompts(tiny_lm, graph):
     assert 0 < result.feature_overlap < 1
     deltas = [abs(c.delta) for c in result.changed]
     assert deltas == sorted(deltas, reverse=True) and len(result.changed) <= 5
+
+
+def test_automatic_groups_of_a_traced_graph_read_as_a_smaller_acyclic_graph(graph):
+    from circuits.graph.supernodes import group_automatically, merge_by
+
+    groups = group_automatically(graph)
+    assert groups, "the tiny graph should have features alike enough to group"
+    merged = merge_by(graph, "auto")
+    assert nx.is_directed_acyclic_graph(merged.graph)
+    assert merged.graph.number_of_nodes() == graph.graph.number_of_nodes() - sum(len(g) - 1 for g in groups.values())
+    kinds = {graph.graph.nodes[n]["kind"] for members in groups.values() for n in members}
+    assert kinds == {"feature"}
+    assert sum(d["influence"] for _, d in merged.graph.nodes(data=True)) == pytest.approx(
+        sum(d["influence"] for _, d in graph.graph.nodes(data=True)))
+    assert strongest_paths(merged, k=3)

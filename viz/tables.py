@@ -8,6 +8,7 @@ from circuits.graph.attribution_graph import AttributionGraph
 from circuits.graph.compare import EdgeChange, FeaturePresence, GraphComparison
 from circuits.graph.paths import GraphPath
 from circuits.graph.queries import Contribution, NodeReport
+from circuits.graph.supernodes import GroupSummary
 
 from .labels import node_description, node_label
 
@@ -40,9 +41,30 @@ def nodes_table(graph: AttributionGraph, nodes: Sequence[str]) -> str:
 
 
 def paths_table(graph: AttributionGraph, paths: Sequence[GraphPath]) -> str:
-    rows = [[i + 1, f"{p.strength:.4g}", "+" if p.sign > 0 else "-", " → ".join(_name(graph, n) for n in p.nodes)]
-            for i, p in enumerate(paths)]
-    return format_table(["#", "strength", "sign", "path"], rows, (0, 1))
+    """Each path as a heading (rank, strength, sign) over one row per node: id, layer, label, the weight in."""
+    blocks = []
+    for i, path in enumerate(paths):
+        rows = [[node, graph.graph.nodes[node]["layer"], _name(graph, node), "" if j == 0 else
+                 f"{path.weights[j - 1]:+.4g}"] for j, node in enumerate(path.nodes)]
+        head = f"#{i + 1}  strength {path.strength:.4g}  sign {'+' if path.sign > 0 else '-'}"
+        blocks.append(head + "\n" + _indent(format_table(["node", "layer", "shown as", "weight in"], rows, (1, 3))))
+    return "\n\n".join(blocks)
+
+
+def _indent(text: str) -> str:
+    return "\n".join("   " + line for line in text.splitlines())
+
+
+def groups_table(groups: Sequence[GroupSummary], n_groups: int, n_members: int) -> str:
+    """Supernode groups: name, member count, layers, positions, total influence, the top members' labels."""
+    def span(low: int, high: int) -> str:
+        return str(low) if low == high else f"{low}-{high}"
+
+    rows = [[g.name, len(g.members), span(*g.layers), ",".join(map(str, g.positions)), f"{g.influence:.4g}",
+             " | ".join(g.labels)] for g in groups]
+    head = f"{n_groups} groups of {n_members} nodes (shown: the {len(groups)} most influential)"
+    return head + "\n" + format_table(["group", "members", "layers", "positions", "influence", "member labels"],
+                                       rows, (1, 4))
 
 
 def _contributions(graph: AttributionGraph, title: str, items: Sequence[Contribution]) -> str:
