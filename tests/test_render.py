@@ -315,3 +315,14 @@ def test_html_first_view_fits_the_whole_graph(tiny_lm, tmp_path):
     assert int(re.search(r'data-drawn="(\d+)"', body).group(1)) > 50
     assert float(re.search(r'data-zoom="([\d.]+)"', body).group(1)) < 1  # it had to zoom out
     assert re.search(r'data-outside="(\d+)"', body).group(1) == "0"
+
+
+def test_html_opens_with_as_many_nodes_as_the_svg(tiny_lm):
+    graph = traced_graph(tiny_lm)
+    data = page_data(graph, PageOptions())
+    ranked = sorted(n["cum"] for n in data["nodes"] if n["cum"] is not None)
+    wanted = min(DrawLimits().max_nodes, len(ranked))
+    assert sum(1 for c in ranked if c <= data["view"]["threshold"]) == wanted
+    smaller = page_data(graph, PageOptions(threshold=ranked[9]))  # an explicit threshold is kept
+    assert smaller["view"]["threshold"] == ranked[9]
+    assert all(n["cum"] is None for n in data["nodes"] if n["kind"] == "error")  # errors are marks, not ranked

@@ -29,15 +29,16 @@ from .labels import drawn_lines, node_description, node_label
 from .page_script import ERROR_TRAP, PAGE_JS
 from .page_style import PAGE_CSS
 from .palette import NEGATIVE, POSITIVE
-from .selection import Grid, ranked_nodes
+from .selection import DrawLimits, Grid, ranked_nodes
 
 
 class PageOptions(BaseModel):
     """``max_edges``: edges embedded in the page (most important first); ``threshold``: the initial
-    cumulative-influence threshold; ``edges_shown``: how many edges are drawn at first."""
+    cumulative-influence threshold (None: the one that shows as many nodes as the SVG, ``DrawLimits().max_nodes``);
+    ``edges_shown``: how many edges are drawn at first."""
 
     max_edges: int = Field(default=200_000, ge=0)
-    threshold: float = Field(default=0.5, gt=0.0, le=1.0)
+    threshold: float | None = Field(default=None, gt=0.0, le=1.0)
     edges_shown: int = Field(default=300, ge=0)
 
 
@@ -50,7 +51,11 @@ def page_data(graph: AttributionGraph, options: PageOptions) -> dict:
     cumulative influence; ``cum`` is null for nodes that do not compete for a place) and edges
     ``[source index, target index, weight]``, most important first."""
     meta = graph.metadata
-    shares = cumulative_influence(graph, ranked_nodes(graph))
+    ranked = ranked_nodes(graph)
+    shares = cumulative_influence(graph, ranked)
+    threshold = options.threshold
+    if threshold is None:
+        threshold = shares[ranked[min(DrawLimits().max_nodes, len(ranked)) - 1]] if ranked else 1.0
     order = {node: i for i, node in enumerate(graph.graph.nodes)}
     grid = Grid()
     nodes = []
@@ -69,7 +74,7 @@ def page_data(graph: AttributionGraph, options: PageOptions) -> dict:
     return {
         "meta": {"prompt": meta.prompt, "summary": summary, "n_layers": meta.n_layers,
                  "n_edges": graph.graph.number_of_edges()},
-        "view": {"threshold": options.threshold, "edges": options.edges_shown},
+        "view": {"threshold": threshold, "edges": options.edges_shown},
         "grid": asdict(grid.with_room_for(grid.label_lines + 1)),
         "kinds": {name: {"shape": node_kind(name).shape, "fill": node_kind(name).fill, "mark": node_kind(name).mark}
                   for name in node_kind_names()},
