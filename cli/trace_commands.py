@@ -8,6 +8,7 @@ import click
 
 from circuits.graph.supernodes import GROUPINGS
 from dictionaries.errors import CircuitscopeError
+from viz.selection import DrawLimits
 
 from .app import main
 from .loading import load_model_and_dictionaries
@@ -174,24 +175,40 @@ def _write_exports(graph, svg_path=None, html_path=None, np_path=None, limits=No
 @click.argument("graph_path", metavar="GRAPH.json")
 @click.option("-o", "--output", required=True,
               help="OUT.svg (graphviz drawing), OUT.html (interactive page) or OUT.np.json (Neuronpedia frontend).")
-@click.option("--max-nodes", default=120, show_default=True, help="SVG: nodes drawn besides tokens and logits.")
-@click.option("--max-edges", default=400, show_default=True, help="SVG: edges drawn, most important first.")
+@click.option("--max-nodes", default=DrawLimits().max_nodes, show_default=True,
+              help="SVG: features (and other ranked nodes) drawn besides tokens, logits and error marks.")
+@click.option("--edges-per-node", default=DrawLimits().edges_per_node, show_default=True,
+              help="SVG: each node's strongest inputs drawn (by normalised weight).")
+@click.option("--min-edge-share", default=DrawLimits().min_edge_share, show_default=True,
+              help="SVG: an edge drawn carries at least this share of its target's input.")
+@click.option("--max-edges", default=DrawLimits().max_edges, show_default=True,
+              help="SVG: at most this many edges drawn, most important first.")
+@click.option("--error-influence", type=float, default=None,
+              help="SVG: draw an error mark where the errors of a (layer, position) have at least this influence "
+                   "(default: that of the weakest feature drawn).")
 @click.option("--supernodes", type=click.Choice(list(GROUPINGS)), default=None,
               help="Draw groups of features as one node each (see `circuitscope query GRAPH supernodes`).")
-def render_command(graph_path: str, output: str, max_nodes: int, max_edges: int, supernodes: str | None) -> None:
+def render_command(graph_path: str, output: str, max_nodes: int, edges_per_node: int, min_edge_share: float,
+                   max_edges: int, error_influence: float | None, supernodes: str | None) -> None:
     """Render a graph JSON file as SVG or interactive HTML, or export it for Neuronpedia."""
+    from pydantic import ValidationError
+
     from circuits.graph.attribution_graph import AttributionGraph
     from circuits.graph.supernodes import merge_by
-    from viz.selection import DrawLimits
 
     name = output.lower()
     kind = next((k for k in (".np.json", ".svg", ".html") if name.endswith(k)), None)
     if kind is None:
         raise CircuitscopeError(f"{output}: name the output OUT.svg, OUT.html or OUT.np.json")
-    if max_nodes < 1 or max_edges < 0:
-        raise CircuitscopeError("--max-nodes must be >= 1 and --max-edges >= 0")
+    try:
+        limits = DrawLimits(max_nodes=max_nodes, edges_per_node=edges_per_node, min_edge_share=min_edge_share,
+                            max_edges=max_edges, mark_influence=error_influence)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        option = {"mark_influence": "error_influence"}.get(str(first["loc"][0]), str(first["loc"][0]))
+        raise CircuitscopeError(f"--{option.replace('_', '-')}: {first['msg']}") from None
     graph = AttributionGraph.load(graph_path)
     if supernodes:
         graph = merge_by(graph, supernodes)
     paths = {".svg": "svg_path", ".html": "html_path", ".np.json": "np_path"}
-    _write_exports(graph, limits=DrawLimits(max_nodes=max_nodes, max_edges=max_edges), **{paths[kind]: output})
+    _write_exports(graph, limits=limits, **{paths[kind]: output})

@@ -47,7 +47,7 @@ from dictionaries.labels.top_contexts import dequantize_window
 from dictionaries.models.hook_sites import record_mlp_io
 from dictionaries.safetensors_io import write_tensors
 from viz.html import PageOptions, page_data, render_html, save_html
-from viz.labels import node_label
+from viz.labels import drawn_lines, node_label
 from viz.selection import DrawLimits, select
 from viz.svg import render_svg
 
@@ -329,11 +329,11 @@ def test_labels_reach_neuronpedia_svg_and_html(labelled_graph, tmp_path):
     page = render_html(graph)
     some = next(iter(data["features"].values()))
     assert json.dumps(some["label"], ensure_ascii=False)[1:-1] in page
-    if shutil.which("neato"):  # every drawn feature shows its label (cut to the node's width)
+    if shutil.which("neato"):  # every drawn feature shows its label (wrapped to the node's width)
         texts = {t.text for t in ET.fromstring(render_svg(graph)).iter("{http://www.w3.org/2000/svg}text")}
         drawn = [n for n in select(graph, DrawLimits()).nodes if graph.graph.nodes[n]["kind"] == "feature"]
-        assert drawn and all(node_label(graph, n)[0] in texts for n in drawn)
-        assert all(node_label(graph, n)[0].rstrip("…") in graph.graph.nodes[n]["label"] for n in drawn)
+        assert drawn and all(set(drawn_lines(graph, n, 20, 3)) <= texts for n in drawn)
+        assert all(node_label(graph, n)[0] == graph.graph.nodes[n]["label"] for n in drawn)
 
 
 @pytest.mark.skipif(not (shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")),

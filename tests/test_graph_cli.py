@@ -55,6 +55,13 @@ def test_render_svg_html_and_neuronpedia(traced):
         assert (root / name).stat().st_size > 0 and name in out
     code, out = _run("render", root / "g.json", "-o", root / "r.png")
     assert code == 2 and "OUT.svg, OUT.html or OUT.np.json" in out
+    code, out = _run("render", root / "g.json", "-o", root / "few.svg", "--edges-per-node", 1, "--max-edges", 5,
+                     "--error-influence", 1e9)  # no error passes
+    assert code == 0, out
+    svg = (root / "few.svg").read_text()
+    assert 0 < svg.count('class="edge"') <= 5 and 'class="node mark' not in svg
+    code, out = _run("render", root / "g.json", "-o", root / "bad.svg", "--min-edge-share", 2)
+    assert code == 2 and "--min-edge-share" in out and not (root / "bad.svg").exists()
 
 
 @needs_graphviz

@@ -58,7 +58,7 @@ def test_a_registered_kind_flows_through_files_queries_exports_and_drawings(prob
             and n.feature_type != "cross layer transcoder"] == ["linear probe"]
 
     page = page_data(loaded, PageOptions())
-    assert page["kinds"]["probe"] == {"shape": "hexagon", "fill": "#ff00aa"}
+    assert page["kinds"]["probe"] == {"shape": "hexagon", "fill": "#ff00aa", "mark": False}
     assert "probe" in json.dumps([n["kind"] for n in page["nodes"]])
 
 

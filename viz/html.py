@@ -1,9 +1,11 @@
 """A self-contained interactive HTML page for one graph: no network access, everything inline.
 
 The page embeds the graph (every node, and the ``max_edges`` most important edges; 200,000 by default,
-enough for the graphs pruning leaves) as JSON and draws it in the browser with the SVG's layout: a
-threshold slider picks nodes by cumulative influence (as pruning does), a second slider sets how many of
-the most important edges among them are drawn, clicking a node lists its inputs and outputs (and, for a
+enough for the graphs pruning leaves) as JSON and draws it in the browser with the SVG's layout and labels
+(:mod:`viz.selection`, :func:`viz.labels.drawn_lines`): a threshold slider picks nodes by cumulative influence (as
+pruning does; errors are small marks where they are as influential as the weakest node drawn), a second slider sets
+how many of the most important edges among them are drawn, the first view fits the whole drawing, clicking a node
+lists its inputs and outputs (and, for a
 feature whose graph carries labels, its top-activating contexts and the tokens it promotes and suppresses),
 hovering shows details. See :mod:`viz.page_script` for the script and how the page reports errors.
 """
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import html
 import json
+from dataclasses import asdict
 from pathlib import Path
 
 from pydantic import BaseModel, Field
@@ -22,19 +25,20 @@ from circuits.graph.subgraphs import cumulative_influence
 from circuits.graph.weights import edge_importance
 from dictionaries.atomic_output import write_text_atomic
 
-from .labels import node_description, node_label
+from .labels import drawn_lines, node_description, node_label
 from .page_script import ERROR_TRAP, PAGE_JS
 from .page_style import PAGE_CSS
 from .palette import NEGATIVE, POSITIVE
-from .selection import ranked_nodes
+from .selection import DrawLimits, Grid, ranked_nodes
 
 
 class PageOptions(BaseModel):
     """``max_edges``: edges embedded in the page (most important first); ``threshold``: the initial
-    cumulative-influence threshold; ``edges_shown``: how many edges are drawn at first."""
+    cumulative-influence threshold (None: the one that shows as many nodes as the SVG, ``DrawLimits().max_nodes``);
+    ``edges_shown``: how many edges are drawn at first."""
 
     max_edges: int = Field(default=200_000, ge=0)
-    threshold: float = Field(default=0.5, gt=0.0, le=1.0)
+    threshold: float | None = Field(default=None, gt=0.0, le=1.0)
     edges_shown: int = Field(default=300, ge=0)
 
 
@@ -43,16 +47,23 @@ def _short(x: float) -> float:
 
 
 def page_data(graph: AttributionGraph, options: PageOptions) -> dict:
-    """What the page's script reads: metadata, nodes (with labels and cumulative influence) and edges
+    """What the page's script reads: metadata, the layout's grid, nodes (with their label, the lines drawn and
+    cumulative influence; ``cum`` is null for nodes that do not compete for a place) and edges
     ``[source index, target index, weight]``, most important first."""
     meta = graph.metadata
-    shares = cumulative_influence(graph, ranked_nodes(graph))
+    ranked = ranked_nodes(graph)
+    shares = cumulative_influence(graph, ranked)
+    threshold = options.threshold
+    if threshold is None:
+        threshold = shares[ranked[min(DrawLimits().max_nodes, len(ranked)) - 1]] if ranked else 1.0
     order = {node: i for i, node in enumerate(graph.graph.nodes)}
+    grid = Grid()
     nodes = []
     for node, data in graph.graph.nodes(data=True):
         line1, line2 = node_label(graph, node)
         nodes.append({"id": node, "kind": data["kind"], "layer": data["layer"], "pos": data["position"],
-                      "l1": line1, "l2": line2, "desc": node_description(graph, node),
+                      "l1": line1, "l2": line2, "lines": drawn_lines(graph, node, grid.label_width, grid.label_lines),
+                      "desc": node_description(graph, node),
                       "infl": _short(data["influence"]), "cum": shares.get(node), "fk": data.get("feature_key")})
     importance = edge_importance(graph)
     ranked = sorted(importance, key=lambda e: -importance[e])[: options.max_edges]
@@ -63,8 +74,10 @@ def page_data(graph: AttributionGraph, options: PageOptions) -> dict:
     return {
         "meta": {"prompt": meta.prompt, "summary": summary, "n_layers": meta.n_layers,
                  "n_edges": graph.graph.number_of_edges()},
-        "view": {"threshold": options.threshold, "edges": options.edges_shown},
-        "kinds": {name: {"shape": node_kind(name).shape, "fill": node_kind(name).fill} for name in node_kind_names()},
+        "view": {"threshold": threshold, "edges": options.edges_shown},
+        "grid": asdict(grid.with_room_for(grid.label_lines + 1)),
+        "kinds": {name: {"shape": node_kind(name).shape, "fill": node_kind(name).fill, "mark": node_kind(name).mark}
+                  for name in node_kind_names()},
         "colours": {"positive": POSITIVE, "negative": NEGATIVE},
         "nodes": nodes,
         "edges": edges,

@@ -1,12 +1,17 @@
-"""How a node is named on screen: a short label (two lines at most) and a longer description.
+"""How a node is named on screen: a label (what the node is, and where: its token) and a longer description.
 
-Shared by the SVG, the HTML page and the CLI's tables, so a node reads the same everywhere.
+Shared by the SVG, the HTML page and the CLI's tables, so a node reads the same everywhere. The tables show the
+label in full; the drawings show :func:`drawn_lines`: the label wrapped on word boundaries and with the characters
+the drawing's font lacks escaped (:mod:`viz.wrapping`, :mod:`viz.glyphs`).
 """
 
 from __future__ import annotations
 
 from circuits.graph.attribution_graph import AttributionGraph
 from circuits.graph.node_kinds import node_kind, show_token
+
+from .glyphs import drawable_text
+from .wrapping import wrap_label
 
 
 def position_token(graph: AttributionGraph, position: int) -> str | None:
@@ -15,9 +20,16 @@ def position_token(graph: AttributionGraph, position: int) -> str | None:
 
 
 def node_label(graph: AttributionGraph, node: str) -> tuple[str, str]:
-    """Two short lines: what the node is, and where (its token), e.g. ("L3 #17", "“ Paris”")."""
+    """Two lines: what the node is, and where (its token), e.g. ("L3 #17", "“ Paris”")."""
     data = graph.graph.nodes[node]
     return node_kind(data["kind"]).label(node, data, show_token(position_token(graph, data["position"])))
+
+
+def drawn_lines(graph: AttributionGraph, node: str, width: int, max_lines: int) -> list[str]:
+    """The node's label as a drawing shows it: what it is in at most ``max_lines`` lines of about ``width``
+    characters, then where, all in characters the drawing's font has."""
+    what, where = node_label(graph, node)
+    return wrap_label(drawable_text(what), width, max_lines) + [drawable_text(where)]
 
 
 def node_description(graph: AttributionGraph, node: str) -> str:

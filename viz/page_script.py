@@ -3,8 +3,10 @@
 ``ERROR_TRAP`` runs first: any uncaught error is written into ``#errors`` and ``body[data-state]`` becomes
 ``error``, so a headless browser's DOM dump shows it. ``PAGE_JS`` reads the graph from the
 ``<script id="graph-data" type="application/json">`` element, draws the nodes that pass the influence
-threshold (layers bottom to top, positions left to right, the same layout as the SVG) and the most
-important edges among them, and on success sets ``body[data-state]`` to ``ready``. Clicking a node lists
+threshold (layers bottom to top, positions left to right, the same layout and grid as the SVG: ``data.grid``), a
+small mark per (layer, position) whose errors are at least as influential as the weakest node drawn, and the most
+important edges among them; the first view (and the "fit" button) zooms so that the whole drawing fits the canvas
+(``body[data-zoom]``). On success it sets ``body[data-state]`` to ``ready``. Clicking a node lists
 its inputs and outputs (rows are clickable) and, for a feature with labels (``data.features``, keyed by the
 node's ``fk``), its top contexts in ``#contexts`` (one ``.ctx`` row each, tokens shaded by activation, the
 maximum marked ``.peak``) and its promoted and suppressed tokens; hovering shows details; ``#node=ID`` in the
@@ -26,9 +28,10 @@ ERROR_TRAP = """
 PAGE_JS = """
 (function () {
   'use strict';
-  var SLOT_W = 80, SLOT_H = 46, PER_ROW = 4, BAND_GAP = 26, COL_GAP = 24, LEFT = 70, TOP = 16;
-  var SVGNS = 'http://www.w3.org/2000/svg';
   var data = JSON.parse(document.getElementById('graph-data').textContent);
+  var G = data.grid, SLOT_W = G.slot_width, SLOT_H = G.slot_height, PER_ROW = G.per_row, LINE_H = G.line_height;
+  var LEFT = 70, TOP = 16, RIGHT = 12, BOTTOM = 12, MARK_SIZE = [6, 14];
+  var SVGNS = 'http://www.w3.org/2000/svg';
   var nodes = data.nodes, edges = data.edges, meta = data.meta;
   var index = new Map();
   nodes.forEach(function (n, i) { index.set(n.id, i); });
@@ -50,58 +53,102 @@ PAGE_JS = """
   }
   function fmt(x) { return x === null || x === undefined ? '' : (+x).toPrecision(4); }
 
+  function isMark(i) { return (data.kinds[nodes[i].kind] || {}).mark === true; }
+  function cellOf(i) { return nodes[i].layer + ',' + nodes[i].pos; }
+
+  // what is drawn: shown (full-size nodes) and marks (cell -> its mark-kind nodes, strongest first)
   function visible() {
-    var shown = new Set();
-    nodes.forEach(function (n, i) { if (n.cum === null) { shown.add(i); } });
+    var shown = new Set(), weakest = Infinity;
+    nodes.forEach(function (n, i) { if (n.cum === null && !isMark(i)) { shown.add(i); } });
     for (var r = 0; r < ranked.length; r++) {
       shown.add(ranked[r]);
+      weakest = nodes[ranked[r]].infl;
       if (nodes[ranked[r]].cum >= state.threshold) { break; }
     }
-    if (state.selected !== null) { shown.add(state.selected); }
-    return shown;
+    var cells = new Map();
+    nodes.forEach(function (n, i) {
+      if (!isMark(i)) { return; }
+      if (!cells.has(cellOf(i))) { cells.set(cellOf(i), []); }
+      cells.get(cellOf(i)).push(i);
+    });
+    var marks = new Map();
+    cells.forEach(function (members, key) {
+      var total = members.reduce(function (s, i) { return s + nodes[i].infl; }, 0);
+      var chosen = state.selected !== null && members.indexOf(state.selected) >= 0;
+      if (total >= weakest || chosen) {
+        marks.set(key, members.sort(function (a, b) { return nodes[b].infl - nodes[a].infl; }));
+      }
+    });
+    if (state.selected !== null && !isMark(state.selected)) { shown.add(state.selected); }
+    return { shown: shown, marks: marks };
   }
 
-  function layout(shown) {
-    var cells = new Map();
-    shown.forEach(function (i) {
-      var key = nodes[i].layer + ',' + nodes[i].pos;
-      if (!cells.has(key)) { cells.set(key, []); }
-      cells.get(key).push(i);
+  // the Python layout (viz.selection.layout), shifted right by LEFT and down by TOP; where: index -> [x, y, half
+  // height of its shape]
+  function layout(drawn) {
+    var cells = new Map(), widest = new Map(), tallest = new Map();
+    drawn.shown.forEach(function (i) {
+      if (!cells.has(cellOf(i))) { cells.set(cellOf(i), []); }
+      cells.get(cellOf(i)).push(i);
     });
-    var widest = new Map(), tallest = new Map();
-    cells.forEach(function (members, key) {
+    function grow(map, key, value) { map.set(key, Math.max(map.get(key) || 0, value)); }
+    cells.forEach(function (members) {
       members.sort(function (a, b) { return nodes[b].infl - nodes[a].infl; });
-      var layer = nodes[members[0]].layer, pos = nodes[members[0]].pos;
-      widest.set(pos, Math.max(widest.get(pos) || 0, Math.min(members.length, PER_ROW)));
-      tallest.set(layer, Math.max(tallest.get(layer) || 0, Math.ceil(members.length / PER_ROW)));
+      grow(widest, nodes[members[0]].pos, Math.min(members.length, PER_ROW));
+      grow(tallest, nodes[members[0]].layer, Math.ceil(members.length / PER_ROW));
+    });
+    drawn.marks.forEach(function (members) {
+      grow(widest, nodes[members[0]].pos, 0);
+      grow(tallest, nodes[members[0]].layer, 0);
     });
     var positions = Array.from(widest.keys()).sort(function (a, b) { return a - b; });
     var layers = Array.from(tallest.keys()).sort(function (a, b) { return b - a; });
-    var left = new Map(), top = new Map(), x = LEFT, y = TOP;
-    positions.forEach(function (p) { left.set(p, x); x += widest.get(p) * SLOT_W + COL_GAP; });
-    layers.forEach(function (l) { top.set(l, y); y += tallest.get(l) * SLOT_H + BAND_GAP; });
-    var where = new Map();
+    var left = new Map(), top = new Map(), height = new Map(), x = LEFT, y = TOP;
+    positions.forEach(function (p) {
+      left.set(p, x + G.gutter);
+      x += G.gutter + widest.get(p) * SLOT_W + G.column_gap;
+    });
+    layers.forEach(function (l) {
+      top.set(l, y);
+      height.set(l, tallest.get(l) * SLOT_H || G.mark_band);
+      y += height.get(l) + G.band_gap;
+    });
+    var where = new Map(), markAt = new Map();
     cells.forEach(function (members) {
       var layer = nodes[members[0]].layer, pos = nodes[members[0]].pos;
       members.forEach(function (i, k) {
         var row = Math.floor(k / PER_ROW), col = k % PER_ROW;
         var inRow = Math.min(members.length - row * PER_ROW, PER_ROW);
         var offset = (widest.get(pos) - inRow) * SLOT_W / 2;
-        where.set(i, [left.get(pos) + offset + (col + 0.5) * SLOT_W, top.get(layer) + (row + 0.5) * SLOT_H]);
+        where.set(i, [left.get(pos) + offset + (col + 0.5) * SLOT_W, top.get(layer) + (row + 0.5) * SLOT_H,
+                      (SLOT_H - 10) / 2]);
       });
     });
-    var bands = layers.map(function (l) { return [l, top.get(l) + tallest.get(l) * SLOT_H / 2]; });
-    return { where: where, bands: bands, width: x, height: y };
+    var strongest = 1e-30;
+    drawn.marks.forEach(function (members) { strongest = Math.max(strongest, markInfluence(members)); });
+    drawn.marks.forEach(function (members, key) {
+      var layer = nodes[members[0]].layer, pos = nodes[members[0]].pos;
+      var share = Math.max(markInfluence(members), 0) / strongest;
+      var size = MARK_SIZE[0] + (MARK_SIZE[1] - MARK_SIZE[0]) * Math.sqrt(share);
+      var at = [left.get(pos) - G.gutter / 2, top.get(layer) + height.get(layer) / 2, size / 2];
+      markAt.set(key, at);
+      members.forEach(function (i) { where.set(i, at); });
+    });
+    var bands = layers.map(function (l) { return [l, top.get(l) + height.get(l) / 2]; });
+    return { where: where, marks: markAt, bands: bands,
+             width: Math.max(x - G.column_gap, LEFT) + RIGHT, height: Math.max(y - G.band_gap, TOP) + BOTTOM };
   }
 
-  function chosenEdges(shown) {
-    var picked = new Set();
+  function markInfluence(members) { return members.reduce(function (s, i) { return s + nodes[i].infl; }, 0); }
+
+  function chosenEdges(placed) {
+    var picked = new Set(), drawn = placed.where;
     for (var k = 0; k < edges.length && picked.size < state.maxEdges; k++) {
-      if (shown.has(edges[k][0]) && shown.has(edges[k][1])) { picked.add(k); }
+      if (drawn.has(edges[k][0]) && drawn.has(edges[k][1])) { picked.add(k); }
     }
     if (state.selected !== null) {
       ins[state.selected].concat(outs[state.selected]).forEach(function (k) {
-        if (shown.has(edges[k][0]) && shown.has(edges[k][1])) { picked.add(k); }
+        if (drawn.has(edges[k][0]) && drawn.has(edges[k][1])) { picked.add(k); }
       });
     }
     return Array.from(picked);
@@ -119,12 +166,18 @@ PAGE_JS = """
     }
     shape.setAttribute('fill', kind.fill);
     shape.setAttribute('stroke', '#4a5568');
-    el('text', { y: -2 }, g).textContent = n.l1;
-    el('text', { y: 9 }, g).textContent = n.l2;
+    n.lines.forEach(function (line, k) {
+      el('text', { y: (k - (n.lines.length - 1) / 2) * LINE_H + 3 }, g).textContent = line;
+    });
+  }
+
+  function drawMark(g, members, half) {
+    var kind = data.kinds[nodes[members[0]].kind] || { fill: '#e2e2e2' };
+    el('polygon', { points: [0, -half, half, 0, 0, half, -half, 0].join(' '), fill: kind.fill, stroke: '#4a5568' }, g);
   }
 
   function render() {
-    var shown = visible(), placed = layout(shown), picked = chosenEdges(shown);
+    var drawn = visible(), shown = drawn.shown, placed = layout(drawn), picked = chosenEdges(placed);
     lastPlaced = placed;
     var svg = $('graph');
     while (svg.firstChild) { svg.removeChild(svg.firstChild); }
@@ -146,7 +199,7 @@ PAGE_JS = """
     }
     picked.slice().reverse().forEach(function (k) {
       var e = edges[k], a = placed.where.get(e[0]), b = placed.where.get(e[1]);
-      var sy = a[1] - (SLOT_H - 10) / 2, ty = b[1] + (SLOT_H - 10) / 2, my = (sy + ty) / 2;
+      var sy = a[1] - a[2], ty = b[1] + b[2], my = (sy + ty) / 2;
       var touches = state.selected !== null && (e[0] === state.selected || e[1] === state.selected);
       el('path', {
         d: 'M' + a[0] + ',' + sy + ' C' + a[0] + ',' + my + ' ' + b[0] + ',' + my + ' ' + b[0] + ',' + ty,
@@ -165,12 +218,28 @@ PAGE_JS = """
       g.addEventListener('mousemove', function (ev) { showTip(ev, n.desc); });
       g.addEventListener('mouseleave', hideTip);
     });
+    drawn.marks.forEach(function (members, key) {
+      var p = placed.marks.get(key), first = members[0];
+      var faded = state.selected !== null && !members.some(function (i) { return near.has(i); });
+      var cls = 'mark ' + nodes[first].kind + (members.indexOf(state.selected) >= 0 ? ' selected' : '') +
+        (faded ? ' faded' : '');
+      var g = el('g', { transform: 'translate(' + p[0] + ',' + p[1] + ')', 'class': cls, 'data-id': nodes[first].id },
+                 nodeLayer);
+      drawMark(g, members, p[2]);
+      var text = members.map(function (i) { return nodes[i].desc; }).join(' ;; ');
+      g.addEventListener('click', function (ev) { ev.stopPropagation(); select(first); });
+      g.addEventListener('mousemove', function (ev) { showTip(ev, text); });
+      g.addEventListener('mouseleave', hideTip);
+    });
     $('threshold-value').textContent = state.threshold.toFixed(2);
     $('edges-value').textContent = String(state.maxEdges);
     $('counts').textContent = shown.size + ' of ' + nodes.length + ' nodes, ' + picked.length + ' of ' +
-      meta.n_edges + ' edges drawn' + (meta.n_edges > edges.length ? ' (page holds the ' + edges.length +
+      meta.n_edges + ' edges drawn, ' + drawn.marks.size + ' marks' +
+      (meta.n_edges > edges.length ? ' (page holds the ' + edges.length +
       ' most important edges)' : '');
     document.body.setAttribute('data-visible-nodes', String(shown.size));
+    document.body.setAttribute('data-marks', String(drawn.marks.size));
+    document.body.setAttribute('data-zoom', state.zoom.toFixed(4));
     document.body.setAttribute('data-drawn-edges', String(picked.length));
   }
 
@@ -291,9 +360,11 @@ PAGE_JS = """
     canvas.scrollTop = Math.max(0, p[1] * state.zoom - canvas.clientHeight / 2);
   }
 
-  function fit() {  // zoom so the whole drawing fits the canvas's width, within [0.6, 1]
-    var placed = layout(visible());
-    state.zoom = Math.max(0.6, Math.min(1, $('canvas').clientWidth / placed.width));
+  function fit() {  // zoom so the whole drawing fits the canvas (never above 1.5), and scroll to its top left
+    var placed = layout(visible()), canvas = $('canvas');
+    state.zoom = Math.min(1.5, canvas.clientWidth / placed.width, canvas.clientHeight / placed.height);
+    canvas.scrollLeft = 0;
+    canvas.scrollTop = 0;
   }
 
   $('title').textContent = meta.prompt;

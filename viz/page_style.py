@@ -31,9 +31,11 @@ tr.link:hover { background: #ebf8ff; }
 .logits { font-size: 11px; color: #4a5568; margin-top: 4px; word-break: break-word; }
 #errors { color: #c53030; white-space: pre-wrap; font-size: 12px; }
 g.node { cursor: pointer; }
-g.node text { font-size: 9px; text-anchor: middle; pointer-events: none; }
+g.node text { font-size: 8px; text-anchor: middle; pointer-events: none; }
 g.node.selected > :first-child { stroke: #d69e2e; stroke-width: 3; }
-g.node.faded { opacity: 0.35; }
+g.node.faded, g.mark.faded { opacity: 0.35; }
+g.mark { cursor: pointer; }
+g.mark.selected > :first-child { stroke: #d69e2e; stroke-width: 2; }
 text.axis { font-size: 11px; fill: #718096; text-anchor: end; }
 path.edge { fill: none; }
 path.edge.faded { opacity: 0.12; }

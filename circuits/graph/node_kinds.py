@@ -9,7 +9,7 @@ Kinds today::
 
     token      an input token's embedding                  always kept and drawn
     feature    an active dictionary feature at a position  ranked by influence
-    error      a layer's reconstruction error at a position
+    error      a layer's reconstruction error at a position  drawn as a small mark (when influential)
     remainder  the unexpanded features of a (layer, position), folded into one node (ranked)
     logit      an output token's logit (or a logit difference); always kept and drawn
     supernode  a named group of nodes merged by the user (ranked)
@@ -32,12 +32,8 @@ def show_token(text: str | None, limit: int = 14) -> str:
     return f"“{text}”"
 
 
-def cut_text(text: str, limit: int = 18) -> str:
-    """``text`` cut to ``limit`` characters with an ellipsis."""
-    return text if len(text) <= limit else text[: limit - 1] + "…"
-
-
-# label(node id, node data, the token at the node's position as shown) -> two short lines
+# label(node id, node data, the token at the node's position as shown) -> two lines: what the node is (in full;
+# drawings wrap it) and where
 Label = Callable[[str, dict, str], tuple[str, str]]
 # identity(node id, node data) -> the key under which the node is matched across graphs (when it has no feature_key)
 Identity = Callable[[str, dict], str]
@@ -53,6 +49,7 @@ class NodeKindInfo:
     neuronpedia_type: str  # the ``feature_type`` of Neuronpedia's graph JSON
     shape: Shape
     fill: str  # CSS colour
+    mark: bool = False  # drawn as a small unlabelled mark, one per (layer, position), and only when influential
 
 
 _KINDS: dict[str, NodeKindInfo] = {}
@@ -94,12 +91,12 @@ register_node_kind(NodeKindInfo(
     neuronpedia_type="embedding", shape="box", fill="#e2e8f0"))
 register_node_kind(NodeKindInfo(
     "feature", ranked=True, always_drawn=False, identity=_by_label,
-    label=lambda node, data, here: (cut_text(data.get("label") or f"L{data['layer']} #{data.get('feature')}"), here),
+    label=lambda node, data, here: (data.get("label") or f"L{data['layer']} #{data.get('feature')}", here),
     neuronpedia_type="cross layer transcoder", shape="ellipse", fill="#feebc8"))
 register_node_kind(NodeKindInfo(
     "error", ranked=False, always_drawn=False, identity=_by_layer,
     label=lambda node, data, here: (f"error L{data['layer']}", here),
-    neuronpedia_type="mlp reconstruction error", shape="diamond", fill="#e2e2e2"))
+    neuronpedia_type="mlp reconstruction error", shape="diamond", fill="#e2e2e2", mark=True))
 register_node_kind(NodeKindInfo(
     "remainder", ranked=True, always_drawn=False, identity=_by_layer,
     label=lambda node, data, here: (f"rest L{data['layer']} ({data.get('members')})", here),
@@ -110,5 +107,5 @@ register_node_kind(NodeKindInfo(
     neuronpedia_type="logit", shape="box", fill="#c6f6d5"))
 register_node_kind(NodeKindInfo(
     "supernode", ranked=True, always_drawn=False, identity=_by_label,
-    label=lambda node, data, here: (cut_text(data.get("label") or node), f"{len(data.get('children') or [])} nodes"),
+    label=lambda node, data, here: (data.get("label") or node, f"{len(data.get('children') or [])} nodes"),
     neuronpedia_type="supernode", shape="hexagon", fill="#e9d8fd"))
