@@ -45,6 +45,11 @@ def test_frequency_filter_demotes_a_common_token_below_a_specific_one():
     # punctuation and whitespace never become context words; a token in every corpus position scores 0
     contexts = [_ctx([5, 6, PARIS], [".", " ", " Paris"], [1.0, 1.0, 0.2], 0)]
     assert [s[1] for s in context_word_scores(contexts, counts)] == [" Paris"]
+    # BOS at the start of a window (corpus position 0) is not a word, though it never occurs in the body
+    bos_first = TopContext(context=0, position=1, max_activation=1.0, token_ids=[0, CAPITAL],
+                           tokens=["<bos>", " capital"],
+                           activations=[0.0, 1.0], peak=1)
+    assert [s[1] for s in context_word_scores([bos_first], counts)] == [" capital"]
 
 
 def test_short_label_holds_context_words_and_the_logit_lens():

@@ -13,7 +13,8 @@ the annotated corpus (N non-BOS tokens, count(v) occurrences of v among them):
     score(v) = share(v) * ln((N + 1) / (count(v) + 1))
 
 so a token as common as "." or " the" needs a much larger share to beat a rarer token specific to the
-feature. Tokens that are only whitespace or punctuation, and tokens with score <= 0, are not listed. Ties
+feature. BOS (position 0 of a context) is not counted; tokens that are only whitespace or punctuation, and
+tokens with score <= 0, are not listed. Ties
 go to the token seen first (strongest context first, left to right).
 """
 
@@ -66,6 +67,8 @@ def context_word_scores(
     for ctx in contexts:
         top = max(ctx.max_activation, 1e-12)
         for i, (token_id, token, act) in enumerate(zip(ctx.token_ids, ctx.tokens, ctx.activations, strict=True)):
+            if ctx.position - ctx.peak + i == 0:  # BOS, not text
+                continue
             w = max(act, 0.0) / top + NEAR / (1 + abs(i - ctx.peak))
             total += w
             if is_wordlike(token):
