@@ -7,6 +7,12 @@ token, and extrapolated to 65,536 tokens), of the logit lens (the whole set), of
 of the labels directory.
 
     python benchmarks/feature_labels.py --tokens 2048 --threads 2
+
+``--compare N`` (no model needed) prints instead N features of the shipped set picked at random (``--seed``)
+with their label before issue 14 (the most common peak token → logit lens) and after (context words scored
+by tf-idf against the corpus | → logit lens), and the time to label them.
+
+    python benchmarks/feature_labels.py --compare 20 --seed 14
 """
 
 from __future__ import annotations
@@ -26,7 +32,12 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--model", default="gemma-3-270m")
     parser.add_argument("--skip-logit-lens", action="store_true")
+    parser.add_argument("--compare", type=int, default=0, metavar="N")
+    parser.add_argument("--seed", type=int, default=14)
     args = parser.parse_args()
+    if args.compare:
+        compare_labels(args.compare, args.seed)
+        return
 
     import torch
 
@@ -81,6 +92,29 @@ def main() -> None:
         print("files        ", {f.name: f.stat().st_size for f in sorted(out.iterdir())})
         print(f"writing       {time.perf_counter() - start:.1f} s; labels {size / 1e6:.2f} MB "
               f"({n_contexts} contexts in corpus.safetensors)")
+
+
+SHIPPED = Path(__file__).resolve().parents[1] / "dictionaries/bundled_sets/gemma-3-270m-skip-transcoders/labels"
+
+
+def compare_labels(n: int, seed: int) -> None:
+    """Before/after labels of ``n`` random features of the shipped set (random.Random(seed))."""
+    import random
+
+    from dictionaries.labels import FeatureLabels, short_label
+
+    labels = FeatureLabels(SHIPPED)
+    rng = random.Random(seed)
+    picks = [(layer, rng.randrange(labels.widths[layer])) for layer in
+             (rng.randrange(labels.n_layers) for _ in range(n))]
+    start = time.perf_counter()
+    summaries = [labels.summary(layer, index) for layer, index in picks]
+    elapsed = time.perf_counter() - start
+    print(f"{'feature':>8}  {'before (peak token → logit lens)':<36}  after (context words | → logit lens)")
+    for s in summaries:
+        before = short_label(s.model_copy(update={"context_words": []})).replace(" | → ", " → ")
+        print(f"{s.layer:>4}:{s.index:<4}  {before:<36}  {s.label}")
+    print(f"labelled {n} features in {elapsed:.2f} s (corpus counts included; shipped set, seed {seed})")
 
 
 if __name__ == "__main__":

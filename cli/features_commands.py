@@ -109,6 +109,7 @@ def format_summary(summary) -> str:
 
     lines = [f"feature {summary.layer}:{summary.index}   {summary.label}",
              f"frequency {summary.frequency:.5f} of tokens, mean activation when active {summary.mean_activation:.4g}",
+             "context    " + (", ".join(f"{t.token!r} {t.score:.3g}" for t in summary.context_words) or "-"),
              "promotes   " + ", ".join(f"{t.token!r} {t.score:+.3g}" for t in summary.promoted),
              "suppresses " + ", ".join(f"{t.token!r} {t.score:+.3g}" for t in summary.suppressed),
              f"top contexts ({len(summary.contexts)})" if summary.contexts else "top contexts: never active"]

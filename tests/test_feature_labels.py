@@ -171,7 +171,7 @@ def test_stored_labels_round_trip_memory_mapped(tiny_lm, corpus_file, dictionary
     labels = FeatureLabels.load(labelled)
     assert labels is not None and labels._layers == {}  # nothing read before it is asked for
     manifest = json.loads((labels_directory(labelled) / MANIFEST_FILE).read_text())
-    assert manifest["format"] == "circuitscope.feature_labels" and manifest["format_version"] == 1
+    assert manifest["format"] == "circuitscope.feature_labels" and manifest["format_version"] == 2
     assert manifest["corpus"]["data"] == corpus_file and manifest["corpus"]["tokens"] == TOKENS
     assert manifest["dictionaries"]["widths"] == [24] * 4
     contexts = corpus_contexts(dicts, tiny_lm, corpus_file, TOKENS, "train", LENGTH).contexts
@@ -210,11 +210,11 @@ def test_short_label_rule():
     summary = FeatureSummary(layer=0, index=0, label="", frequency=0.1, mean_activation=1.0, promoted=promoted,
                              suppressed=[], contexts=[ctx(["a", " capital"], 1), ctx([" France"], 0),
                                                       ctx(["x", " France"], 1)])
-    assert short_label(summary) == "France → Paris/Rome"  # the most common peak token, two promoted tokens
+    assert short_label(summary) == "France | → Paris/Rome"  # the most common peak token, two promoted tokens
     summary.contexts = [ctx([" of", "\n"], 1), ctx([" x"], 0)]
-    assert short_label(summary) == "⏎ → Paris/Rome"  # a tie goes to the strongest context; whitespace made visible
+    assert short_label(summary) == "⏎ | → Paris/Rome"  # a tie goes to the strongest context; whitespace made visible
     summary.contexts = []
-    assert short_label(summary) == "(inactive) → Paris/Rome"
+    assert short_label(summary) == "(inactive) | → Paris/Rome"
 
 
 def test_missing_or_damaged_labels(tmp_path, labelled):

@@ -1,5 +1,5 @@
-"""Feature labels into a graph: each feature node's ``label`` (its short label, see
-:func:`dictionaries.labels.short_label`) and, per feature key, a
+"""Feature labels into a graph: each feature node's ``label`` (its short label ``context words | → logit lens``,
+see :func:`dictionaries.labels.short_label`) and, per feature key, a
 :class:`~circuits.graph.attribution_graph.FeatureInfo` in ``metadata.feature_info`` (top contexts, frequency,
 promoted and suppressed tokens) for the features of the pruned graph, so that exports and the HTML page can
 show them without the dictionaries.

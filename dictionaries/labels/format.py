@@ -35,6 +35,10 @@ writes to, which is what reaches the residual stream) through the final RMSNorm'
 factor, one positive number per token, is left out: it scales all scores alike) and the unembedding;
 softcapping is monotonic and also left out. Special tokens (control tokens, ``<unusedN>``) are never
 listed.
+
+Versions: 2 adds ``label_rule`` to the manifest (the short label reads context words and the logit lens,
+:mod:`dictionaries.labels.context_words`); labels are computed when read, from the same tensors, so a
+version-1 directory reads unchanged and gets the same labels.
 """
 
 from __future__ import annotations
@@ -44,7 +48,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 LABELS_FORMAT = "circuitscope.feature_labels"
-LABELS_FORMAT_VERSION = 1
+LABELS_FORMAT_VERSION = 2  # 2: the manifest names its label_rule (1 still reads; the tensors are the same)
 LABELS_DIRECTORY = "labels"
 MANIFEST_FILE = "labels.json"
 CORPUS_FILE = "corpus.safetensors"
@@ -108,3 +112,5 @@ class LabelsManifest(BaseModel):
     settings: AnnotationSettings
     decoder_direction: str = "sum over the target layers of the feature's decoder rows"
     logit_score: str = "((sum_t W_dec[s->t][f]) * (1 + final_norm.weight)) @ W_U.T; special tokens excluded"
+    label_rule: str = ("two context words | → two promoted tokens; context word score = share of the top "
+                       "contexts' activation-weighted tokens * ln((N + 1) / (count + 1)) over the corpus")

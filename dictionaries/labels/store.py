@@ -2,11 +2,14 @@
 feature's summary touches a few rows of each) and answers :meth:`~FeatureLabels.summary` and
 :meth:`~FeatureLabels.short_label` per (layer, index).
 
-Short label rule (:func:`short_label`): ``IN → OUT1/OUT2``, where IN is the token at the maximum that
-occurs most often among the feature's top contexts (ties: the one of the strongest context) and OUT1,
-OUT2 are the two tokens its decoder promotes most. Tokens are shown stripped of surrounding spaces
-(a token that is only whitespace shows as ␣ or ⏎). A feature that was never active on the corpus reads
-``(inactive) → OUT1/OUT2``.
+Short label rule (:func:`short_label`): ``WORDS | → OUT1/OUT2``. WORDS are the two best context words
+of the feature's top contexts (the tokens it fires on and the words around them, scored by a tf-idf against
+the corpus so that the most common tokens do not win every label; rule in
+:mod:`dictionaries.labels.context_words`), joined by ``·``; OUT1, OUT2 are the two tokens its decoder
+promotes most (the logit lens). Tokens are shown stripped of surrounding spaces (a token that is only
+whitespace shows as ␣ or ⏎). A summary without context words (none is word-like) falls back to the token
+at the maximum that occurs most often among the top contexts (ties: the one of the strongest context). A
+feature that was never active on the corpus reads ``(inactive) | → OUT1/OUT2``.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from pydantic import BaseModel, ValidationError
 
 from ..errors import CircuitscopeError, DictionaryFileError
 from ..safetensors_io import read_tensors
+from .context_words import CorpusCounts, context_word_scores
 from .format import (
     CORPUS_FILE,
     LABELS_DIRECTORY,
@@ -65,6 +69,7 @@ class FeatureSummary(BaseModel):
     contexts: list[TopContext]
     promoted: list[TokenScore]
     suppressed: list[TokenScore]
+    context_words: list[TokenScore] = []  # best first; see dictionaries.labels.context_words
 
 
 def labels_directory(dictionary_dir: str | Path) -> Path:
@@ -79,17 +84,23 @@ def _visible(token: str) -> str:
     return "⏎" if "\n" in token else "␣"
 
 
+LABEL_WORDS = 2
+
+
 def short_label(summary: FeatureSummary) -> str:
     """The one-line label of a feature (rule in the module docstring)."""
     peaks = [c.tokens[c.peak] for c in summary.contexts]
-    if peaks:
+    if summary.context_words:
+        words = list(dict.fromkeys(_visible(t.token) for t in summary.context_words))  # " Sur" and "Sur" once
+        fires_on = "·".join(words[:LABEL_WORDS])
+    elif peaks:
         counts = Counter(peaks)
         best = max(counts.values())
         fires_on = _visible(next(t for t in peaks if counts[t] == best))
     else:
         fires_on = "(inactive)"
     promoted = "/".join(_visible(t.token) for t in summary.promoted[:2])
-    return f"{fires_on} → {promoted}" if promoted else fires_on
+    return f"{fires_on} | → {promoted}" if promoted else fires_on
 
 
 class FeatureLabels:
@@ -168,6 +179,11 @@ class FeatureLabels:
         except (ValueError, KeyError, TypeError, UnicodeDecodeError):
             raise DictionaryFileError(path, "damaged (not the expected JSON)", _REANNOTATE) from None
 
+    @cached_property
+    def corpus_counts(self) -> CorpusCounts:
+        """How often each token id occurs among the corpus's non-BOS tokens (for the context words' idf)."""
+        return CorpusCounts.of(self.corpus)
+
     def _text(self, token_id: int) -> str:
         return self.token_text.get(token_id, f"<{token_id}>")
 
@@ -198,7 +214,9 @@ class FeatureLabels:
         summary = FeatureSummary(layer=layer, index=index, label="", frequency=float(t["frequency"][index]),
                                  mean_activation=float(t["mean_active"][index]), contexts=contexts,
                                  promoted=scored("promoted_ids", "promoted_scores"),
-                                 suppressed=scored("suppressed_ids", "suppressed_scores"))
+                                 suppressed=scored("suppressed_ids", "suppressed_scores"),
+                                 context_words=[TokenScore(token_id=i, token=text, score=score) for i, text, score
+                                                in context_word_scores(contexts, self.corpus_counts)])
         summary.label = short_label(summary)
         return summary
 
