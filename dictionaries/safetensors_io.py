@@ -125,12 +125,15 @@ def read_tensors(path: str | Path, names: list[str] | None = None) -> dict[str, 
 def check_finite(path: str | Path, tensors: Mapping[str, torch.Tensor], block: int = 1 << 22) -> None:
     """Raise DictionaryFileError naming the first tensor with a NaN or infinite value.
 
-    Scans ``block`` elements at a time so that a multi-GB decoder never needs a mask of its own size."""
+    Scans about ``block`` elements at a time, in slices along dim 0, so that a multi-GB decoder never needs a mask
+    (or, for a strided view such as a CLT's decoders from the source layer on, a contiguous copy) of its own size."""
     for name, tensor in tensors.items():
-        flat = tensor.reshape(-1) if tensor.is_contiguous() else tensor.flatten()
-        if tensor.is_floating_point() and not all(
-            bool(torch.isfinite(flat[i : i + block]).all()) for i in range(0, flat.numel(), block)
-        ):
+        if not tensor.is_floating_point() or tensor.numel() == 0:
+            continue
+        if tensor.dim() == 0:
+            tensor = tensor.reshape(1)
+        rows = max(1, block // max(1, tensor[0].numel()))
+        if not all(bool(torch.isfinite(tensor[i : i + rows]).all()) for i in range(0, tensor.shape[0], rows)):
             raise DictionaryFileError(
                 path,
                 f"tensor {name!r} contains NaN or infinite values",

@@ -192,3 +192,21 @@ def test_a_clt_files_scan_for_decoders_to_earlier_layers_is_recorded_with_its_re
             warnings.simplefilter("error")
             gemma_scope_2.load_gemma_scope_2(tmp_path / "clean")
     assert len(scans) == 4
+
+
+def test_the_finite_scan_of_a_strided_view_copies_no_more_than_a_block(monkeypatch):
+    """A CLT's decoders from the source layer on are a strided view of the file's mapping; the scan reads it in
+    slices (it flattened it before: a 12 GB copy on a 262k CLT), and still finds a NaN anywhere in it."""
+    from dictionaries.errors import DictionaryFileError
+    from dictionaries.safetensors_io import check_finite
+
+    whole = torch.zeros(64, 5, 8)
+    view = whole[:, 2:, :]  # not contiguous
+    seen: list[int] = []
+    real = torch.isfinite
+    monkeypatch.setattr(torch, "isfinite", lambda t: seen.append(t.numel()) or real(t))
+    check_finite("x", {"W_dec": view}, block=48)
+    assert sum(seen) == view.numel() and max(seen) <= 48
+    view[63, 2, 7] = float("nan")
+    with pytest.raises(DictionaryFileError, match="NaN"):
+        check_finite("x", {"W_dec": view}, block=48)
