@@ -1,6 +1,6 @@
 """Attribution graphs: the tracing engine, the graph and its queries, and interventions on the real model.
 
-Three sub-packages and two modules, with one import rule (checked by ``tests/test_architecture.py``):
+Four sub-packages and two modules, with one import rule (checked by ``tests/test_architecture.py``):
 
 - :mod:`circuits.engine` computes: clean run, replacement model, node layout, linear backward pass, edge rows,
   logit targets, influence, attribution, pruning. It imports ``dictionaries`` and :mod:`circuits.settings` only.
@@ -9,6 +9,8 @@ Three sub-packages and two modules, with one import rule (checked by ``tests/tes
   :mod:`circuits.settings` only.
 - :mod:`circuits.interventions` checks graphs on the real model: frozen model, feature interventions, steering,
   validation. It may import ``engine`` and ``graph``.
+- :mod:`circuits.attention` reads attention out of a graph's trace: each head's share of an edge and QK
+  attribution. It may import ``engine``, ``graph`` and ``interventions``.
 - :mod:`circuits.tracing` is the bridge from the engine's tensors to a graph; :mod:`circuits.settings` is the
   typed settings of a trace, a leaf every part may import.
 

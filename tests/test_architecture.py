@@ -84,7 +84,7 @@ ALL_IMPORTS = {name: _imports(name, path, top_level_only=False) for name, path i
 
 def _layer(module: str) -> str:
     parts = module.split(".")
-    if parts[0] == "circuits" and len(parts) > 1 and parts[1] in ("engine", "graph", "interventions"):
+    if parts[0] == "circuits" and len(parts) > 1 and parts[1] in ("engine", "graph", "interventions", "attention"):
         return f"circuits.{parts[1]}"
     return module if parts[0] == "circuits" else parts[0]
 
@@ -96,10 +96,13 @@ ALLOWED = {
     "circuits.engine": {"dictionaries", "circuits.settings"},
     "circuits.graph": {"dictionaries", "circuits.settings"},
     "circuits.interventions": {"dictionaries", "circuits.settings", "circuits.engine", "circuits.graph"},
+    "circuits.attention": {"dictionaries", "circuits.settings", "circuits.engine", "circuits.graph",
+                           "circuits.interventions"},
     "circuits.tracing": {"dictionaries", "circuits.settings", "circuits.engine", "circuits.graph"},
-    "circuits": {"circuits.settings", "circuits.engine", "circuits.graph", "circuits.interventions"},
+    "circuits": {"circuits.settings", "circuits.engine", "circuits.graph", "circuits.interventions",
+                 "circuits.attention"},
     "viz": {"dictionaries", "circuits", "circuits.settings", "circuits.engine", "circuits.graph",
-            "circuits.interventions", "circuits.tracing"},
+            "circuits.interventions", "circuits.attention", "circuits.tracing"},
 }
 
 
