@@ -108,13 +108,13 @@ def aggregate_command(out_dir, compare, permutations, seed, top, pages) -> None:
     from dictionaries.atomic_output import write_text_atomic
 
     out = Path(out_dir)
-    summary = aggregate(out, top=top, pages=pages)
+    index, reduced = load_reduced(out)  # every graph read once, for the tables and the comparison
+    summary = aggregate(out, top=top, pages=pages, loaded=(index, reduced))
     click.echo(f"aggregate  {summary['n_done']} of {summary['n_prompts']} graphs -> {out / 'features.csv'}, "
                f"{out / 'report.html'}")
     if compare is None:
         return
     group_a, group_b = compare
-    _, reduced = load_reduced(out)
     rows = [vars(r) for r in compare_groups(reduced, group_a, group_b, permutations, seed)]
     columns = ["feature_key", "mean_a", "mean_b", "difference", "effect_size", "p_value", "label"]
     path = out / f"compare-{group_a}-{group_b}.csv"

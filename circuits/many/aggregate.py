@@ -134,11 +134,12 @@ EDGE_COLUMNS = ["source", "target", "n_graphs", "mean_weight"]
 PROMPT_COLUMNS = ["id", "group", "status", "prompt", "graph", "top_logits", "replacement", "completeness", "error"]
 
 
-def aggregate(out: str | Path, top: int = 20, pages: bool = False) -> dict:
+def aggregate(out: str | Path, top: int = 20, pages: bool = False,
+              loaded: tuple[dict, list[GraphFeatures]] | None = None) -> dict:
     """Write features.csv, edges.csv, prompts.csv, summary.json and report.html into ``out`` (and each graph's
-    HTML page with ``pages``); return the summary."""
+    HTML page with ``pages``); return the summary. ``loaded``: :func:`load_reduced`'s result when already read."""
     out = Path(out)
-    index, reduced = load_reduced(out)
+    index, reduced = loaded or load_reduced(out)
     features = feature_rows(reduced)
     edges = edge_rows(reduced)
     prompts = prompt_rows(index)
