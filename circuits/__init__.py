@@ -1,6 +1,6 @@
 """Attribution graphs: the tracing engine, the graph and its queries, and interventions on the real model.
 
-Four sub-packages and two modules, with one import rule (checked by ``tests/test_architecture.py``):
+Five sub-packages and two modules, with one import rule (checked by ``tests/test_architecture.py``):
 
 - :mod:`circuits.engine` computes: clean run, replacement model, node layout, linear backward pass, edge rows,
   logit targets, influence, attribution, pruning. It imports ``dictionaries`` and :mod:`circuits.settings` only.
@@ -11,6 +11,8 @@ Four sub-packages and two modules, with one import rule (checked by ``tests/test
   validation. It may import ``engine`` and ``graph``.
 - :mod:`circuits.attention` reads attention out of a graph's trace: each head's share of an edge and QK
   attribution. It may import ``engine``, ``graph`` and ``interventions``.
+- :mod:`circuits.many` puts the graphs of many prompts together (a trace-many run's prompts, index, aggregates and
+  group comparison). It may import ``graph``; the tracing itself is handed in by the caller.
 - :mod:`circuits.tracing` is the bridge from the engine's tensors to a graph; :mod:`circuits.settings` is the
   typed settings of a trace, a leaf every part may import.
 

@@ -8,6 +8,7 @@ from . import (  # noqa: F401  (importing a module registers its commands)
     dictionaries_commands,
     features_commands,
     intervene_command,
+    many_commands,
     query_commands,
     trace_commands,
 )

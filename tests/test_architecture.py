@@ -82,9 +82,12 @@ def _resolve(target: str) -> str | None:
 ALL_IMPORTS = {name: _imports(name, path, top_level_only=False) for name, path in MODULES.items()}
 
 
+SUB_PACKAGES = ("engine", "graph", "interventions", "attention", "many")
+
+
 def _layer(module: str) -> str:
     parts = module.split(".")
-    if parts[0] == "circuits" and len(parts) > 1 and parts[1] in ("engine", "graph", "interventions", "attention"):
+    if parts[0] == "circuits" and len(parts) > 1 and parts[1] in SUB_PACKAGES:
         return f"circuits.{parts[1]}"
     return module if parts[0] == "circuits" else parts[0]
 
@@ -98,11 +101,12 @@ ALLOWED = {
     "circuits.interventions": {"dictionaries", "circuits.settings", "circuits.engine", "circuits.graph"},
     "circuits.attention": {"dictionaries", "circuits.settings", "circuits.engine", "circuits.graph",
                            "circuits.interventions"},
+    "circuits.many": {"dictionaries", "circuits.settings", "circuits.graph"},
     "circuits.tracing": {"dictionaries", "circuits.settings", "circuits.engine", "circuits.graph"},
     "circuits": {"circuits.settings", "circuits.engine", "circuits.graph", "circuits.interventions",
-                 "circuits.attention"},
+                 "circuits.attention", "circuits.many"},
     "viz": {"dictionaries", "circuits", "circuits.settings", "circuits.engine", "circuits.graph",
-            "circuits.interventions", "circuits.attention", "circuits.tracing"},
+            "circuits.interventions", "circuits.attention", "circuits.many", "circuits.tracing"},
 }
 
 

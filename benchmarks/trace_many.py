@@ -1,0 +1,98 @@
+"""trace-many speed and memory on the real Gemma 3 270M with the shipped transcoders (issue 16's benchmark).
+
+100 prompts of 6-20 tokens (the shipped two-group set, tests/data/two_groups_prompts.jsonl, and longer variants
+of it) are traced by the same code as ``circuitscope trace-many`` (circuits.many.runner.trace_share), then
+aggregated. Printed: loading time; total tracing time against the sum of the single traces' own times
+(``metadata.timings['total']``: attribution + pruning, what one ``trace`` spends after loading), the ratio of
+the two (target <= 1.15: no reloads, no repeated setup), prompts/minute, the RSS after every 10 prompts and the
+peak RSS (flat = no growth over the run), and the aggregation time.
+
+    python benchmarks/trace_many.py              # 100 prompts
+    python benchmarks/trace_many.py --count 30
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+SHIPPED = Path(__file__).resolve().parents[1] / "tests" / "data" / "two_groups_prompts.jsonl"
+PREFIXES = ["", "Here is a simple fact. ", "Answer in one word, please. ", "Everyone at school knows this: "]
+
+
+def _rss_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def prompts(count: int) -> list[dict]:
+    base = [json.loads(line) for line in SHIPPED.read_text(encoding="utf-8").splitlines() if line.strip()]
+    out = []
+    for i in range(count):
+        line = dict(base[i % len(base)])
+        prefix = PREFIXES[(i // len(base)) % len(PREFIXES)]
+        line.update(id=f"{line['id']}-{i}", prompt=prefix + line["prompt"])
+        out.append(line)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--count", type=int, default=100)
+    args = parser.parse_args()
+
+    from circuits.many.aggregate import aggregate
+    from circuits.many.prompts import read_prompts
+    from circuits.many.runner import trace_share, write_index
+    from circuits.settings import TraceSettings
+    from circuits.tracing import trace
+    from cli.loading import load_model_and_dictionaries
+    from dictionaries.labels import FeatureLabels
+    from dictionaries.models.registry import DEFAULT_MODEL
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp)
+        (out / "prompts.jsonl").write_text("".join(json.dumps(p) + "\n" for p in prompts(args.count)))
+        specs = read_prompts(out / "prompts.jsonl")
+        start = time.perf_counter()
+        loaded = load_model_and_dictionaries(DEFAULT_MODEL, None, "float32", None)
+        labels = FeatureLabels.load(loaded.local)
+        loading = time.perf_counter() - start
+        lengths = [len(loaded.lm.tokenize(s.prompt)[0]) for s in specs]
+        print(f"prompts      {len(specs)}, {min(lengths)}-{max(lengths)} tokens; loading {loading:.1f} s")
+        single: list[float] = []
+
+        def trace_one(prompt, settings):
+            graph = trace(loaded.lm, loaded.dicts, prompt, settings, dictionaries_source=loaded.source,
+                          labels=labels)
+            single.append(graph.metadata.timings["total"])
+            if len(single) % 10 == 0:
+                print(f"rss          after {len(single):3d} prompts: {_rss_mb():.0f} MB", flush=True)
+            return graph
+
+        start = time.perf_counter()
+        failures = trace_share(specs, out, TraceSettings(), trace_one, progress=False)
+        write_index(specs, out, TraceSettings())
+        total = time.perf_counter() - start
+        start = time.perf_counter()
+        aggregate(out)
+        aggregation = time.perf_counter() - start
+    print(f"failed       {len(failures)}: {sorted(failures)[:5]}")
+    print(f"tracing      {total:.1f} s total, sum of single traces {sum(single):.1f} s, "
+          f"ratio {total / max(sum(single), 1e-9):.3f}")
+    print(f"throughput   {60 * len(specs) / total:.1f} prompts/minute")
+    print(f"aggregation  {aggregation:.2f} s")
+    print(f"peak rss     {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB")
+
+
+if __name__ == "__main__":
+    main()
