@@ -1,17 +1,10 @@
-"""The ``circuitscope`` command: one module per group of commands, registered on :data:`main` here.
+"""The ``circuitscope`` command: one module per group of commands, each registering its commands on :data:`main`
+when the command is first looked up (see :data:`cli.app.COMMAND_MODULES`).
 
 Every error a user can cause ends in one line on stderr (``error: ...`` naming the fix) and exit code 2;
 a traceback means a bug in circuitscope.
 """
 
-from . import (  # noqa: F401  (importing a module registers its commands)
-    dictionaries_commands,
-    features_commands,
-    intervene_command,
-    many_commands,
-    query_commands,
-    trace_commands,
-)
-from .app import main
+from .app import main  # its commands' modules are imported when a command runs (cli.app.COMMAND_MODULES)
 
 __all__ = ["main"]

@@ -3,7 +3,7 @@ single source: the model (:data:`~dictionaries.models.registry.DEFAULT_MODEL`), 
 Gemma Scope 2 selectors, dtype, device, ``--threads`` and ``--json``; :func:`trace_default` reads a trace
 setting's default from :class:`~circuits.settings.TraceSettings`.
 
-Nothing here imports transformers: ``circuitscope --help`` must not pay for it.
+Nothing here imports transformers or torch: ``circuitscope --help`` and ``query`` must not pay for them.
 """
 
 from __future__ import annotations
@@ -16,13 +16,13 @@ from typing import TYPE_CHECKING, Any, get_args
 import click
 
 from circuits.settings import TraceSettings
-from dictionaries.formats import Selector, registered_selectors
 from dictionaries.models.registry import DEFAULT_MODEL
 
 from .threads import ThreadSettings, use_threads
 
 if TYPE_CHECKING:
     from dictionaries.dictionary_set import DictionarySet
+    from dictionaries.formats import Selector
 
 Decorator = Callable[[Callable[..., Any]], Callable[..., Any]]
 
@@ -98,6 +98,8 @@ def selector_options(command: Callable[..., Any]) -> Callable[..., Any]:
     ``--l0``, ``--affine/--no-affine``: which variant of each layer to load from a folder that holds several,
     and for a hub id the only one to download). ``command`` receives the ones given as one argument
     ``selectors``, a dict of keyword arguments for ``load_dictionaries`` and ``resolve_dictionary_path``."""
+    from dictionaries.formats import registered_selectors  # the formats import torch: only commands that load
+
     names = [s.name for s in registered_selectors()]
 
     @functools.wraps(command)  # carries the options declared below this decorator

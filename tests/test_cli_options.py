@@ -23,7 +23,9 @@ LOADS_DICTIONARIES = ["trace", "intervene", "validate", "features annotate", "di
 
 def _commands(group: click.Group = main, prefix: str = "") -> dict[str, click.Command]:
     found = {}
-    for name, command in group.commands.items():
+    ctx = click.Context(group)
+    for name in group.list_commands(ctx):  # the top group imports a command's module when it is looked up
+        command = group.get_command(ctx, name)
         if isinstance(command, click.Group):
             found.update(_commands(command, f"{prefix}{name} "))
         else:
@@ -53,7 +55,8 @@ def test_trace_settings_defaults_come_from_trace_settings():
 
 
 def test_every_command_that_runs_a_model_takes_threads_with_the_settings_default():
-    runs_a_model = {"trace", "intervene", "validate", "features annotate", "dictionaries eval", "dictionaries train"}
+    runs_a_model = {"trace", "trace-many", "intervene", "validate", "features annotate", "dictionaries eval",
+                    "dictionaries train"}
     takes_threads = {name for name, c in _commands().items() if "threads" in _params(c)}
     assert takes_threads == runs_a_model
     for name in runs_a_model:

@@ -18,10 +18,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-import torch
-from torch import nn
+if TYPE_CHECKING:  # tensors are only passed through here: importing the registry must not import torch
+    import torch
+    from torch import nn
 
 
 @dataclass(frozen=True)
@@ -38,7 +39,7 @@ class NormStyle:
 
     def rsqrt(self, norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """The norm's factor ``r = rsqrt(mean(x^2) + eps)`` for its input x [..., P, d] -> [..., P], float32."""
-        return torch.rsqrt(x.float().pow(2).mean(-1) + getattr(norm, self.eps_attribute))
+        return (x.float().pow(2).mean(-1) + getattr(norm, self.eps_attribute)).rsqrt()
 
     def frozen(self, norm: nn.Module, x: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
         """The norm with its factor frozen at r [P]: ``x * r * gain`` for x [B, P, d], float32."""
@@ -97,7 +98,7 @@ class Architecture:
         """Logits as the model's own output has them: ``c * tanh(logits / c)`` with the final softcap c, if any.
         Attribution targets are read before the softcap; probabilities are taken after it."""
         cap = self.logit_softcap(config)
-        return logits if cap is None else cap * torch.tanh(logits / cap)
+        return logits if cap is None else cap * (logits / cap).tanh()
 
     def embedding_factor(self, config) -> float:
         """The factor between an embedding row and what enters the residual stream: sqrt(d_model) or 1."""
