@@ -143,7 +143,7 @@ def _intervention_text(result, generations) -> str:
 
 
 @main.command("validate")
-@click.argument("graph_path", metavar="GRAPH.json")
+@click.argument("graph_path", metavar="GRAPH")
 @click.option("--top", default=20, show_default=True, help="Validate the TOP most influential feature nodes.")
 @click.option("--target", default=None, help="Logit node id (default: the most likely logit).")
 @click.option("--mode", "modes", multiple=True, type=click.Choice(["linear", "frozen", "free"]),

@@ -15,10 +15,10 @@ from .options import device_option, json_option
 
 
 @main.group("query", cls=Group)
-@click.argument("graph_path", metavar="GRAPH.json")
+@click.argument("graph_path", metavar="GRAPH")
 @click.pass_context
 def query(ctx: click.Context, graph_path: str) -> None:
-    """Ask a graph JSON file questions: paths, node, top, search, compare, supernodes, heads, qk, attention
+    """Ask a graph file (compact or JSON) questions: paths, node, top, search, compare, supernodes, heads, qk, attention
     (tables, or --json)."""
     from circuits.graph.attribution_graph import AttributionGraph
 
@@ -108,7 +108,7 @@ def query_node(graph, node_id, top, as_json) -> None:
 def _node_rows(graph, nodes) -> list[dict]:
     from circuits.graph.attribution_graph import NodeData
 
-    return [NodeData(id=n, **graph.graph.nodes[n]).model_dump() for n in nodes]
+    return [NodeData(id=n, **graph.nodes[n]).model_dump() for n in nodes]
 
 
 @query.command("top")
@@ -237,7 +237,7 @@ def query_qk(graph, layer, head, query_position, key_position, edge, top, device
         for node in edge:
             if node not in graph.graph.nodes:
                 raise click.UsageError(f"{node} is not a node of this graph")
-            ends.append(graph.graph.nodes[node]["position"])
+            ends.append(graph.nodes[node]["position"])
         key_position, query_position = ends
     if query_position is None or key_position is None:
         raise click.UsageError("give --query and --key, or --edge SOURCE TARGET")

@@ -1,4 +1,4 @@
-"""``circuitscope trace`` (prompt -> graph JSON and its drawings) and ``circuitscope render``."""
+"""``circuitscope trace`` (prompt -> graph file and its drawings) and ``circuitscope render``."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ from pathlib import Path
 
 import click
 
+from circuits.graph.graph_files import COMPACT_NAME, GRAPH_SUFFIXES
 from circuits.graph.supernodes import GROUPINGS
 from dictionaries.errors import CircuitscopeError
 from viz.selection import DrawLimits
@@ -27,10 +28,11 @@ from .options import (
 @model_option()
 @dictionaries_options()
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default=".", show_default=True,
-              help="Folder for graph.json, graph.svg and graph.html.")
+              help="Folder for graph.safetensors, graph.svg and graph.html.")
 @click.option("-o", "--output", default=None,
-              help="Name the graph JSON instead (drawings go next to it: X.svg, X.html).")
-@click.option("--no-drawings", is_flag=True, help="Write only the JSON (no SVG, no HTML).")
+              help="Name the graph file instead: X.safetensors (compact) or X.json (the plain-JSON export); "
+                   "drawings go next to it (X.svg, X.html).")
+@click.option("--no-drawings", is_flag=True, help="Write only the graph file (no SVG, no HTML).")
 @click.option("--no-labels", is_flag=True,
               help="Leave feature nodes unlabelled even when the dictionaries have labels.")
 @click.option("--max-logits", default=trace_default("max_logits"), show_default=True,
@@ -69,7 +71,7 @@ def trace_command(prompt, model, dictionaries_path, selectors, out_dir, output, 
                   logit_prob, targets, logit_diff, position, max_features, batch_size, memory_limit, adjacency,
                   plan_only, node_threshold, edge_threshold, dtype, device, threads, chat, keep_unpruned, svg_path,
                   html_path, np_path) -> None:
-    """Trace PROMPT: write its attribution graph as graph.json, graph.svg and graph.html.
+    """Trace PROMPT: write its attribution graph as graph.safetensors, graph.svg and graph.html.
 
     With no options: the default model (the real Gemma 3 270M) and the dictionaries shipped for it.
     """
@@ -120,8 +122,8 @@ def trace_command(prompt, model, dictionaries_path, selectors, out_dir, output, 
                f"({meta.n_active_features} active features, {meta.n_expanded_features} expanded) -> {output}")
     click.echo(f"scores     replacement {meta.scores.replacement:.3f}, completeness {meta.scores.completeness:.3f} "
                f"(unpruned {meta.scores.replacement_unpruned:.3f}, {meta.scores.completeness_unpruned:.3f})")
-    logits = sorted(graph.logit_nodes, key=lambda n: -(graph.graph.nodes[n]["probability"] or 0))
-    shown = ", ".join(f"{graph.graph.nodes[n]['token']!r} {graph.graph.nodes[n]['probability']:.3f}" for n in logits)
+    logits = sorted(graph.logit_nodes, key=lambda n: -(graph.nodes[n]["probability"] or 0))
+    shown = ", ".join(f"{graph.nodes[n]['token']!r} {graph.nodes[n]['probability']:.3f}" for n in logits)
     click.echo(f"logits     {shown}")
     click.echo(f"time       {time.perf_counter() - start:.1f} s: "
                + ", ".join(f"{name} {seconds:.1f} s" for name, seconds in phases.items()) + f"; {threads.describe()}")
@@ -132,13 +134,13 @@ def trace_command(prompt, model, dictionaries_path, selectors, out_dir, output, 
 
 def _output_paths(out_dir: Path, output: str | None, svg_path: str | None, html_path: str | None,
                   no_drawings: bool, np_path: str | None = None) -> tuple[str, str | None, str | None]:
-    """Where the JSON, SVG and HTML go. Drawings asked for by name must be possible (graphviz is checked now,
+    """Where the graph file, SVG and HTML go. Drawings asked for by name must be possible (graphviz is checked now,
     before the long work); the default SVG is left out with a note when graphviz is not installed."""
     from dictionaries.atomic_output import check_writable
     from viz.svg import require_graphviz
 
-    json_path = Path(output) if output else out_dir / "graph.json"
-    stem = json_path.with_suffix("") if json_path.suffix.lower() == ".json" else json_path
+    json_path = Path(output) if output else out_dir / COMPACT_NAME
+    stem = json_path.with_suffix("") if json_path.suffix.lower() in GRAPH_SUFFIXES else json_path
     if svg_path:
         require_graphviz()
     elif not no_drawings:
@@ -172,9 +174,10 @@ def _write_exports(graph, svg_path=None, html_path=None, np_path=None, limits=No
 
 
 @main.command("render")
-@click.argument("graph_path", metavar="GRAPH.json")
+@click.argument("graph_path", metavar="GRAPH")
 @click.option("-o", "--output", required=True,
-              help="OUT.svg (graphviz drawing), OUT.html (interactive page) or OUT.np.json (Neuronpedia frontend).")
+              help="OUT.svg (graphviz drawing), OUT.html (interactive page), OUT.np.json (Neuronpedia frontend), "
+                   "OUT.json (the plain-JSON export) or OUT.safetensors (the compact graph file).")
 @click.option("--max-nodes", default=DrawLimits().max_nodes, show_default=True,
               help="SVG: features (and other ranked nodes) drawn besides tokens, logits and error marks.")
 @click.option("--edges-per-node", default=DrawLimits().edges_per_node, show_default=True,
@@ -190,16 +193,18 @@ def _write_exports(graph, svg_path=None, html_path=None, np_path=None, limits=No
               help="Draw groups of features as one node each (see `circuitscope query GRAPH supernodes`).")
 def render_command(graph_path: str, output: str, max_nodes: int, edges_per_node: int, min_edge_share: float,
                    max_edges: int, error_influence: float | None, supernodes: str | None) -> None:
-    """Render a graph JSON file as SVG or interactive HTML, or export it for Neuronpedia."""
+    """Render a graph file as SVG or interactive HTML, export it for Neuronpedia, or write it in the other layout
+    (plain JSON or compact safetensors)."""
     from pydantic import ValidationError
 
     from circuits.graph.attribution_graph import AttributionGraph
     from circuits.graph.supernodes import merge_by
 
     name = output.lower()
-    kind = next((k for k in (".np.json", ".svg", ".html") if name.endswith(k)), None)
+    kind = next((k for k in (".np.json", ".svg", ".html", ".json", ".safetensors") if name.endswith(k)), None)
     if kind is None:
-        raise CircuitscopeError(f"{output}: name the output OUT.svg, OUT.html or OUT.np.json")
+        raise CircuitscopeError(f"{output}: name the output OUT.svg, OUT.html, OUT.np.json, OUT.json or "
+                                "OUT.safetensors")
     try:
         limits = DrawLimits(max_nodes=max_nodes, edges_per_node=edges_per_node, min_edge_share=min_edge_share,
                             max_edges=max_edges, mark_influence=error_influence)
@@ -210,5 +215,8 @@ def render_command(graph_path: str, output: str, max_nodes: int, edges_per_node:
     graph = AttributionGraph.load(graph_path)
     if supernodes:
         graph = merge_by(graph, supernodes)
+    if kind in GRAPH_SUFFIXES:
+        click.echo(f"graph      {graph.save(output)}")
+        return
     paths = {".svg": "svg_path", ".html": "html_path", ".np.json": "np_path"}
     _write_exports(graph, limits=limits, **{paths[kind]: output})

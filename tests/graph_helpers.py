@@ -129,3 +129,16 @@ def random_layered_graph(seed: int, n_layers: int = 4, positions: int = 3, densi
     metadata = hand_built_graph().metadata.model_copy(update={
         "tokens": [f"t{p}" for p in range(positions)], "token_ids": list(range(positions)), "n_layers": n_layers})
     return AttributionGraph(g, metadata)
+
+
+def assert_same_graph(a: AttributionGraph, b: AttributionGraph) -> None:
+    """Nodes (in order, with every attribute), edges (in order, with weights), metadata and unpruned section equal."""
+    assert list(a.graph.nodes(data=True)) == list(b.graph.nodes(data=True))
+    assert list(a.graph.edges(data=True)) == list(b.graph.edges(data=True))
+    assert a.metadata == b.metadata
+    assert a.unpruned == b.unpruned
+
+
+def as_filed(graph: AttributionGraph) -> AttributionGraph:
+    """The graph as a file gives it back: every NodeData field present on every node."""
+    return AttributionGraph.from_file(graph.to_file())

@@ -46,15 +46,15 @@ def main_job(tmp_path_factory):
 
 def test_the_main_job_writes_three_files_and_a_summary(main_job):
     out, stdout = main_job
-    assert sorted(p.name for p in out.iterdir()) == ["graph.html", "graph.json", "graph.svg"]
-    assert all((out / name).stat().st_size > 1000 for name in ("graph.html", "graph.json", "graph.svg"))
+    assert sorted(p.name for p in out.iterdir()) == ["graph.html", "graph.safetensors", "graph.svg"]
+    assert all((out / name).stat().st_size > 1000 for name in ("graph.html", "graph.safetensors", "graph.svg"))
     labels = {line.split()[0] for line in stdout.splitlines() if line.strip()}
     assert {"graph", "scores", "logits", "time"} <= labels, stdout
     assert "' Paris'" in stdout
 
 
 def test_paris_is_a_logit_node_reached_by_feature_paths_from_france_and_capital(main_job):
-    graph = AttributionGraph.load(main_job[0] / "graph.json")
+    graph = AttributionGraph.load(main_job[0] / "graph.safetensors")
     G = graph.graph
     assert graph.metadata.dictionaries.source == str(default_dictionaries_path("gemma-3-270m"))
     paris = [n for n in graph.logit_nodes if G.nodes[n]["token"] == " Paris"]
@@ -70,7 +70,7 @@ def test_paris_is_a_logit_node_reached_by_feature_paths_from_france_and_capital(
 def test_paths_with_a_feature_hop_go_through_features_and_groups_read_in_concepts(main_job):
     """On the default graph the strongest paths are mostly one edge, token -> logit; with --min-feature-hops 1
     every listed path passes a feature, and the automatic groups merge into an acyclic graph."""
-    graph_path = main_job[0] / "graph.json"
+    graph_path = main_job[0] / "graph.safetensors"
     result = CliRunner().invoke(main, ["query", str(graph_path), "paths", "--min-feature-hops", "1", "--json"])
     assert result.exit_code == 0, result.output
     paths = json.loads(result.stdout)
@@ -133,7 +133,7 @@ def test_the_validation_report_on_the_default_graph_agrees_in_sign(real_lm, main
     way the graph predicts for most of them (attention and norms frozen, features recomputed)."""
     from circuits.interventions.validation import validate_graph
 
-    graph = AttributionGraph.load(main_job[0] / "graph.json")
+    graph = AttributionGraph.load(main_job[0] / "graph.safetensors")
     dicts = load_dictionaries(default_dictionaries_path("gemma-3-270m"), dtype=torch.float32)
     report = validate_graph(real_lm, dicts, graph, top=20, modes=("frozen", "free"))
     frozen = report.agreement["frozen"]

@@ -5,7 +5,7 @@ import json
 
 import networkx as nx
 import pytest
-from graph_helpers import hand_built_graph, traced_graph
+from graph_helpers import as_filed, assert_same_graph, hand_built_graph, traced_graph
 
 from circuits.graph.attribution_graph import GRAPH_SCHEMA_VERSION, AttributionGraph
 from circuits.graph.neuronpedia import (
@@ -19,32 +19,20 @@ from circuits.graph.weights import input_totals, logit_weight
 from dictionaries.errors import CircuitscopeError
 
 
-def _same(a: AttributionGraph, b: AttributionGraph) -> None:
-    assert list(a.graph.nodes(data=True)) == list(b.graph.nodes(data=True))
-    assert list(a.graph.edges(data=True)) == list(b.graph.edges(data=True))
-    assert a.metadata == b.metadata
-    assert a.unpruned == b.unpruned
-
-
-def _complete(graph: AttributionGraph) -> AttributionGraph:
-    """The graph as a file gives it back: every NodeData field present on every node."""
-    return AttributionGraph.from_file(graph.to_file())
-
-
 def test_round_trip_of_a_traced_graph(tiny_lm, tmp_path):
     graph = traced_graph(tiny_lm)
     loaded = AttributionGraph.load(graph.save(tmp_path / "g.json"))
-    _same(_complete(graph), loaded)
+    assert_same_graph(as_filed(graph), loaded)
     assert json.loads((tmp_path / "g.json").read_text())["schema_version"] == GRAPH_SCHEMA_VERSION
     again = AttributionGraph.load(loaded.save(tmp_path / "again.json"))
     assert (tmp_path / "again.json").read_text() == (tmp_path / "g.json").read_text()
-    _same(loaded, again)
+    assert_same_graph(loaded, again)
 
 
 def test_round_trip_of_supernodes(tmp_path):
     merged = merge_nodes(hand_built_graph(), group_by_feature(hand_built_graph()))
     loaded = AttributionGraph.load(merged.save(tmp_path / "m.json"))
-    _same(merged, loaded)
+    assert_same_graph(merged, loaded)
     assert loaded.graph.nodes["supernode:0:5"]["children"] == ["feature:0:5@1", "feature:0:5@2"]
 
 
@@ -64,7 +52,7 @@ def test_unpruned_section_gives_back_the_whole_graph(tiny_lm, tmp_path):
     graph = traced_graph(tiny_lm, keep_unpruned=True)
     assert graph.unpruned is not None and graph.unpruned.weights
     loaded = AttributionGraph.load(graph.save(tmp_path / "g.json"))
-    _same(_complete(graph), loaded)
+    assert_same_graph(as_filed(graph), loaded)
     whole = full_graph(loaded)
     assert set(graph.graph) < set(whole.graph)
     assert set(graph.graph.edges) < set(whole.graph.edges)
@@ -88,7 +76,7 @@ def test_schema_1_files_still_load(tmp_path):
         del node["children"]
     (tmp_path / "v1.json").write_text(json.dumps(raw))
     graph = AttributionGraph.load(tmp_path / "v1.json")
-    _same(graph, hand_built_graph())
+    assert_same_graph(graph, hand_built_graph())
 
 
 @pytest.mark.parametrize(

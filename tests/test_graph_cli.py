@@ -54,7 +54,7 @@ def test_render_svg_html_and_neuronpedia(traced):
         assert code == 0, out
         assert (root / name).stat().st_size > 0 and name in out
     code, out = _run("render", root / "g.json", "-o", root / "r.png")
-    assert code == 2 and "OUT.svg, OUT.html or OUT.np.json" in out
+    assert code == 2 and "OUT.svg, OUT.html, OUT.np.json, OUT.json or OUT.safetensors" in out
     code, out = _run("render", root / "g.json", "-o", root / "few.svg", "--edges-per-node", 1, "--max-edges", 5,
                      "--error-influence", 1e9)  # no error passes
     assert code == 0, out

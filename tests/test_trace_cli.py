@@ -142,13 +142,13 @@ def test_missing_dictionaries_and_model(tmp_path, tiny_checkpoint_dir, dictionar
     _assert_user_error(result)
 
 
-def test_out_dir_gets_the_json_svg_and_html(tmp_path, tiny_checkpoint_dir, dictionary_dirs):
+def test_out_dir_gets_the_compact_graph_svg_and_html(tmp_path, tiny_checkpoint_dir, dictionary_dirs):
     out = tmp_path / "results"
     result = _trace(PROMPT, "--model", str(tiny_checkpoint_dir), "--dictionaries", dictionary_dirs["transcoder"],
                     "--out", str(out))
     assert result.exit_code == 0, (result.output, result.exception)
-    assert sorted(p.name for p in out.iterdir()) == ["graph.html", "graph.json", "graph.svg"]
-    graph = AttributionGraph.load(out / "graph.json")
+    assert sorted(p.name for p in out.iterdir()) == ["graph.html", "graph.safetensors", "graph.svg"]
+    graph = AttributionGraph.load(out / "graph.safetensors")
     svg = (out / "graph.svg").read_text()
     assert svg.lstrip().startswith("<?xml") and "<svg" in svg
     assert graph.metadata.prompt in (out / "graph.html").read_text()
@@ -162,13 +162,13 @@ def test_named_json_puts_the_drawings_beside_it_and_no_drawings_writes_only_json
     assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["run1.html", "run1.json", "run1.svg"]
     result = _trace(*args, "--out", str(tmp_path / "b"), "--no-drawings")
     assert result.exit_code == 0, (result.output, result.exception)
-    assert [p.name for p in (tmp_path / "b").iterdir()] == ["graph.json"]
+    assert [p.name for p in (tmp_path / "b").iterdir()] == ["graph.safetensors"]
 
 
 def test_a_checkpoint_directory_without_dictionaries_asks_for_them(tmp_path, tiny_checkpoint_dir):
     result = _trace(PROMPT, "--model", str(tiny_checkpoint_dir), "--out", str(tmp_path))
     _assert_user_error(result, "--dictionaries")
-    assert not (tmp_path / "graph.json").exists()
+    assert not (tmp_path / "graph.safetensors").exists()
 
 
 def test_a_bfloat16_set_is_traced_in_the_models_float32(tmp_path, tiny_checkpoint_dir, dictionary_dirs):

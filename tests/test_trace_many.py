@@ -52,7 +52,7 @@ def _run(*args):
 
 def _content(out: Path) -> dict[str, str]:
     """Every graph's content hash (timings excluded) and the bytes of the index and the aggregate tables."""
-    found = {p.name: AttributionGraph.load(p).content_hash for p in sorted((out / "graphs").glob("*.json"))}
+    found = {p.name: AttributionGraph.load(p).content_hash for p in sorted((out / "graphs").glob("*.safetensors"))}
     for name in ("index.json", "features.csv", "edges.csv", "prompts.csv", "summary.json"):
         found[name] = (out / name).read_text(encoding="utf-8")
     return found
@@ -121,8 +121,8 @@ def test_resume_after_a_kill_equals_an_uninterrupted_run(tmp_path, uninterrupted
 
     monkeypatch.setattr(circuits.tracing, "trace", killed_after_two)
     result = _run(*_args(prompts, out, tiny_checkpoint_dir, dictionaries_dir))
-    assert result.exit_code != 0 and len(list((out / "graphs").glob("*.json"))) == 2
-    (out / "graphs" / "b2.json").write_text('{"schema": 4, "nod', encoding="utf-8")  # a damaged graph: redone
+    assert result.exit_code != 0 and len(list((out / "graphs").glob("*.safetensors"))) == 2
+    (out / "graphs" / "b2.safetensors").write_text('{"schema": 4, "nod', encoding="utf-8")  # a damaged graph: redone
     monkeypatch.setattr(circuits.tracing, "trace", real_trace)
     traced = []
 

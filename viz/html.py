@@ -59,7 +59,7 @@ def page_data(graph: AttributionGraph, options: PageOptions) -> dict:
     order = {node: i for i, node in enumerate(graph.graph.nodes)}
     grid = Grid()
     nodes = []
-    for node, data in graph.graph.nodes(data=True):
+    for node, data in graph.nodes.items():
         line1, line2 = node_label(graph, node)
         nodes.append({"id": node, "kind": data["kind"], "layer": data["layer"], "pos": data["position"],
                       "l1": line1, "l2": line2, "lines": drawn_lines(graph, node, grid.label_width, grid.label_lines),

@@ -15,13 +15,13 @@ from .wrapping import wrap_label
 
 
 def position_token(graph: AttributionGraph, position: int) -> str | None:
-    tokens = graph.metadata.tokens
+    tokens = graph.tokens
     return tokens[position] if 0 <= position < len(tokens) else None
 
 
 def node_label(graph: AttributionGraph, node: str) -> tuple[str, str]:
     """Two lines: what the node is, and where (its token), e.g. ("L3 #17", "“ Paris”")."""
-    data = graph.graph.nodes[node]
+    data = graph.nodes[node]
     return node_kind(data["kind"]).label(node, data, show_token(position_token(graph, data["position"])))
 
 
@@ -34,7 +34,7 @@ def drawn_lines(graph: AttributionGraph, node: str, width: int, max_lines: int) 
 
 def node_description(graph: AttributionGraph, node: str) -> str:
     """One line with everything a reader wants on hover: id, kind, layer, position, numbers."""
-    data = graph.graph.nodes[node]
+    data = graph.nodes[node]
     parts = [node, data["kind"], f"layer {data['layer']}", f"position {data['position']}"]
     if data.get("label"):
         parts.append(f"label {data['label']!r}")

@@ -63,7 +63,7 @@ def _is_mark(kind: str) -> bool:
 def ranked_nodes(graph: AttributionGraph) -> list[str]:
     """Nodes that compete for a place (everything but tokens, logits and marks), most influential first."""
     nodes = [n for n, kind in graph.graph.nodes(data="kind") if not (node_kind(kind).always_drawn or _is_mark(kind))]
-    return sorted(nodes, key=lambda v: -graph.graph.nodes[v]["influence"])
+    return sorted(nodes, key=lambda v: -graph.nodes[v]["influence"])
 
 
 def ranked_edges(graph: AttributionGraph) -> list[tuple[str, str]]:
@@ -75,7 +75,7 @@ def ranked_edges(graph: AttributionGraph) -> list[tuple[str, str]]:
 def mark_cells(graph: AttributionGraph, floor: float) -> dict[Cell, list[str]]:
     """(layer, position) -> its mark-kind nodes, for the cells whose marks' summed influence is at least ``floor``."""
     cells: dict[Cell, list[str]] = defaultdict(list)
-    for node, data in graph.graph.nodes(data=True):
+    for node, data in graph.nodes.items():
         if _is_mark(data["kind"]):
             cells[data["layer"], data["position"]].append(node)
     nodes = graph.graph.nodes
@@ -104,7 +104,7 @@ def select(graph: AttributionGraph, limits: DrawLimits) -> Selection:
     shown = always | set(ranked)
     floor = limits.mark_influence
     if floor is None:
-        floor = graph.graph.nodes[ranked[-1]]["influence"] if ranked else math.inf
+        floor = graph.nodes[ranked[-1]]["influence"] if ranked else math.inf
     marks = mark_cells(graph, floor)
     drawn = shown | {m for members in marks.values() for m in members}
     importance = edge_importance(graph)
@@ -152,10 +152,10 @@ def layout(graph: AttributionGraph, nodes: list[str], grid: Grid = Grid(), marks
     """Where every node of ``nodes`` and the mark of every cell of ``marks`` go (see the module docstring)."""
     cells: dict[Cell, list[str]] = defaultdict(list)
     for node in nodes:
-        data = graph.graph.nodes[node]
+        data = graph.nodes[node]
         cells[data["layer"], data["position"]].append(node)
     for members in cells.values():
-        members.sort(key=lambda v: -graph.graph.nodes[v]["influence"])
+        members.sort(key=lambda v: -graph.nodes[v]["influence"])
     layers = sorted({layer for layer, _ in cells} | {layer for layer, _ in marks})
     positions = sorted({pos for _, pos in cells} | {pos for _, pos in marks})
     widest = dict.fromkeys(positions, 0)

@@ -45,7 +45,7 @@ def _escape(text: str) -> str:
 
 def _caption(graph: AttributionGraph, chosen: Selection, limits: DrawLimits) -> str:
     meta = graph.metadata
-    kinds = sorted({graph.graph.nodes[m]["kind"] for members in chosen.marks.values() for m in members})
+    kinds = sorted({graph.nodes[m]["kind"] for members in chosen.marks.values() for m in members})
     marks = f", {len(chosen.marks)} {'/'.join(kinds) or 'error'} marks" if chosen.marks else ""
     return (f"{meta.prompt!r} | {meta.model} | replacement {meta.scores.replacement:.3f}, completeness "
             f"{meta.scores.completeness:.3f}\n{len(chosen.nodes)} nodes{marks}, {len(chosen.edges)} edges drawn "
@@ -76,7 +76,7 @@ def to_dot(graph: AttributionGraph, limits: DrawLimits | None = None, grid: Grid
     names: dict[str, str] = {}
     for i, node in enumerate(chosen.nodes):
         names[node] = f"n{i}"
-        data = graph.graph.nodes[node]
+        data = graph.nodes[node]
         kind = node_kind(data["kind"])
         x, y = placement.where[node]
         dot.node(names[node], label="\\n".join(_escape(line) for line in lines[node]), shape=kind.shape,

@@ -27,13 +27,13 @@ def format_table(headers: Sequence[str], rows: Sequence[Sequence[object]], numer
 
 
 def _name(graph: AttributionGraph, node: str) -> str:
-    return " ".join(node_label(graph, node)) if node in graph.graph else node
+    return " ".join(node_label(graph, node)) if node in graph.nodes else node
 
 
 def nodes_table(graph: AttributionGraph, nodes: Sequence[str]) -> str:
     rows = []
     for node in nodes:
-        data = graph.graph.nodes[node]
+        data = graph.nodes[node]
         activation = data.get("activation")
         rows.append([node, data["kind"], data["layer"], data["position"], _name(graph, node),
                      f"{data['influence']:.4g}", "" if activation is None else f"{activation:.4g}"])
@@ -44,7 +44,7 @@ def paths_table(graph: AttributionGraph, paths: Sequence[GraphPath]) -> str:
     """Each path as a heading (rank, strength, sign) over one row per node: id, layer, label, the weight in."""
     blocks = []
     for i, path in enumerate(paths):
-        rows = [[node, graph.graph.nodes[node]["layer"], _name(graph, node), "" if j == 0 else
+        rows = [[node, graph.nodes[node]["layer"], _name(graph, node), "" if j == 0 else
                  f"{path.weights[j - 1]:+.4g}"] for j, node in enumerate(path.nodes)]
         head = f"#{i + 1}  strength {path.strength:.4g}  sign {'+' if path.sign > 0 else '-'}"
         blocks.append(head + "\n" + _indent(format_table(["node", "layer", "shown as", "weight in"], rows, (1, 3))))

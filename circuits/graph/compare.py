@@ -74,7 +74,7 @@ class GraphComparison:
 
 def _features(graph: AttributionGraph) -> dict[str, tuple[float, list[int]]]:
     out: dict[str, tuple[float, list[int]]] = {}
-    for _, data in graph.graph.nodes(data=True):
+    for _, data in graph.nodes.items():
         key = data.get("feature_key")
         if key is not None:
             influence, positions = out.get(key, (0.0, []))
@@ -83,7 +83,7 @@ def _features(graph: AttributionGraph) -> dict[str, tuple[float, list[int]]]:
 
 
 def _edges(graph: AttributionGraph, match: Match) -> dict[tuple[str, str], float]:
-    ident = {n: node_identity(n, d, match) for n, d in graph.graph.nodes(data=True)}
+    ident = {n: node_identity(n, d, match) for n, d in graph.nodes.items()}
     out: dict[tuple[str, str], float] = defaultdict(float)
     for s, t, w in graph.graph.edges(data="weight"):
         out[ident[s], ident[t]] += w

@@ -49,7 +49,7 @@ def label_graph(graph: AttributionGraph, labels: FeatureLabels, max_contexts: in
         return summaries[key]
 
     info = dict(graph.metadata.feature_info)
-    for _, data in graph.graph.nodes(data=True):
+    for _, data in graph.nodes.items():
         if data["kind"] == "feature" and data.get("feature_key"):
             found = summary(data["feature_key"])
             data["label"] = found.label

@@ -9,7 +9,7 @@ from .attribution_graph import AttributionGraph
 
 def require_node(graph: AttributionGraph, node: str) -> None:
     """Raise a clear error when ``node`` is not a node of ``graph``."""
-    if node not in graph.graph:
+    if node not in graph.nodes:
         raise CircuitscopeError(f"no node {node!r} in the graph; list nodes with `circuitscope query GRAPH top`")
 
 
@@ -18,4 +18,4 @@ def top_logit(graph: AttributionGraph) -> str:
     logits = graph.logit_nodes
     if not logits:
         raise CircuitscopeError("the graph has no logit nodes; name a target node")
-    return max(logits, key=lambda n: graph.graph.nodes[n].get("probability") or 0.0)
+    return max(logits, key=lambda n: graph.nodes[n].get("probability") or 0.0)

@@ -140,7 +140,7 @@ def neuronpedia_id(graph: AttributionGraph, node: str) -> str:
     """The ``node_id`` this export gives graph id ``node`` (a token, feature, error or logit id; the node need not be
     in the graph: a source named by a QK attribution may have been pruned)."""
     if node in graph.graph.nodes:
-        return _node(graph, node, graph.graph.nodes[node], -1).node_id
+        return _node(graph, node, graph.nodes[node], -1).node_id
     kind, _, rest = node.partition(":")
     if node.startswith("token@"):
         position = int(node.split("@")[1])
@@ -166,7 +166,7 @@ def to_neuronpedia(graph: AttributionGraph, options: NeuronpediaOptions | None =
     ids: dict[str, str] = {}
     nodes = []
     negative = -1
-    for node, data in graph.graph.nodes(data=True):
+    for node, data in graph.nodes.items():
         if data["kind"] in ("remainder", "supernode"):
             negative -= 1
         np_node = _node(graph, node, data, negative)

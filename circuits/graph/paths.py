@@ -101,7 +101,7 @@ def strongest_paths(graph: AttributionGraph, target: str | None = None, k: int =
     for node in starts:
         require_node(graph, node)
     nodes = graph.graph.nodes
-    allowed_between = {v for v in graph.graph if only.allows_between(nodes[v])}
+    allowed_between = {v for v in graph.nodes if only.allows_between(nodes[v])}
     sub = graph.graph.subgraph(allowed_between | starts | {target})
     relevant = nx.ancestors(sub, target) | {target}
     sub = sub.subgraph(relevant)

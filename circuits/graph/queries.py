@@ -50,26 +50,26 @@ def _ranked(edges: list[tuple[str, float]], top: int | None) -> list[Contributio
 def node_inputs(graph: AttributionGraph, node: str, top: int | None = None) -> list[Contribution]:
     """The direct contributors to ``node`` (edges into it), strongest first."""
     require_node(graph, node)
-    return _ranked([(s, w) for s, _, w in graph.graph.in_edges(node, data="weight")], top)
+    return _ranked(graph.in_edges(node), top)
 
 
 def node_outputs(graph: AttributionGraph, node: str, top: int | None = None) -> list[Contribution]:
     """The nodes that ``node`` drives directly (edges out of it), strongest first."""
     require_node(graph, node)
-    return _ranked([(t, w) for _, t, w in graph.graph.out_edges(node, data="weight")], top)
+    return _ranked(graph.out_edges(node), top)
 
 
 def node_report(graph: AttributionGraph, node: str, top: int | None = None) -> NodeReport:
     """Everything about one node: attributes, ranked inputs and outputs."""
     require_node(graph, node)
-    data = NodeData(id=node, **graph.graph.nodes[node]).model_dump(exclude={"id"})
+    data = NodeData(id=node, **graph.nodes[node]).model_dump(exclude={"id"})
     return NodeReport(node, data, node_inputs(graph, node, top), node_outputs(graph, node, top))
 
 
 def top_nodes(graph: AttributionGraph, n: int = 20, kind: NodeKind | None = None) -> list[str]:
     """The ``n`` nodes of highest influence on the logits (of one ``kind`` if given)."""
-    nodes = graph.nodes_of_kind(kind) if kind else list(graph.graph.nodes)
-    return sorted(nodes, key=lambda v: -graph.graph.nodes[v]["influence"])[:n]
+    nodes = graph.nodes_of_kind(kind) if kind else list(graph.nodes)
+    return sorted(nodes, key=lambda v: -graph.nodes[v]["influence"])[:n]
 
 
 @dataclass(frozen=True)
@@ -88,7 +88,7 @@ class NodeQuery:
 def _token_text(graph: AttributionGraph, data: dict) -> str:
     if data["kind"] == "logit" or data.get("token") is not None:
         return data.get("token") or ""
-    tokens = graph.metadata.tokens
+    tokens = graph.tokens
     return tokens[data["position"]] if 0 <= data["position"] < len(tokens) else ""
 
 
@@ -111,7 +111,7 @@ def search_nodes(graph: AttributionGraph, query: NodeQuery, order: Literal["infl
     """Ids of the nodes matching ``query``, most influential first (or sorted by id)."""
     if query == NodeQuery():
         raise CircuitscopeError("give at least one search term (label, token, layer, feature or kind)")
-    found = [n for n, data in graph.graph.nodes(data=True) if _matches(graph, data, query)]
+    found = [n for n, data in graph.nodes.items() if _matches(graph, data, query)]
     if order == "id":
         return sorted(found)
-    return sorted(found, key=lambda v: -graph.graph.nodes[v]["influence"])
+    return sorted(found, key=lambda v: -graph.nodes[v]["influence"])

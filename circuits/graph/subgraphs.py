@@ -31,11 +31,11 @@ def cumulative_influence(graph: AttributionGraph, nodes: Iterable[str]) -> dict[
     """For each of ``nodes``: the share of their total influence held by the nodes at least as influential
     as it (in (0, 1]; the most influential node has the smallest value). Keeping the nodes whose value is at
     most ``t`` keeps the smallest set that reaches ``t`` of the influence, as pruning does."""
-    ranked = sorted(nodes, key=lambda v: -graph.graph.nodes[v]["influence"])
-    total = sum(max(graph.graph.nodes[v]["influence"], 0.0) for v in ranked)
+    ranked = sorted(nodes, key=lambda v: -graph.nodes[v]["influence"])
+    total = sum(max(graph.nodes[v]["influence"], 0.0) for v in ranked)
     out, running = {}, 0.0
     for v in ranked:
-        running += max(graph.graph.nodes[v]["influence"], 0.0)
+        running += max(graph.nodes[v]["influence"], 0.0)
         out[v] = running / total if total > 0 else 1.0
     return out
 
@@ -56,7 +56,7 @@ def influence_subgraph(graph: AttributionGraph, threshold: float, cumulative: bo
             if share >= threshold:
                 break
     else:
-        kept = {v for v in ranked if graph.graph.nodes[v]["influence"] >= threshold}
+        kept = {v for v in ranked if graph.nodes[v]["influence"] >= threshold}
     return subgraph(graph, [n for n, kind in graph.graph.nodes(data="kind") if not node_kind(kind).ranked or n in kept])
 
 

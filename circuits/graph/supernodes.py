@@ -70,7 +70,7 @@ def merge_nodes(graph: AttributionGraph, groups: Mapping[str, Iterable[str]],
         members_of[SUPERNODE_PREFIX + name] = members
 
     merged = nx.DiGraph()
-    for node, data in graph.graph.nodes(data=True):
+    for node, data in graph.nodes.items():
         if node not in owner:
             merged.add_node(node, **data)
     for node, members in members_of.items():
@@ -86,7 +86,7 @@ def merge_nodes(graph: AttributionGraph, groups: Mapping[str, Iterable[str]],
 
 
 def _merged_attributes(graph: AttributionGraph, label: str, members: list[str]) -> dict:
-    data = [graph.graph.nodes[m] for m in members]
+    data = [graph.nodes[m] for m in members]
     keys = {d.get("feature_key") for d in data}
     one_feature = len(keys) == 1 and None not in keys
     activations = [d.get("activation") for d in data if d.get("activation") is not None]
@@ -113,7 +113,7 @@ def group_by_feature(graph: AttributionGraph) -> dict[str, list[str]]:
     """One group per feature that is active at several positions, named by its ``feature_key``."""
     groups: dict[str, list[str]] = defaultdict(list)
     for node, key in graph.graph.nodes(data="feature_key"):
-        if key is not None and graph.graph.nodes[node]["kind"] == "feature":
+        if key is not None and graph.nodes[node]["kind"] == "feature":
             groups[key].append(node)
     return {key: nodes for key, nodes in groups.items() if len(nodes) > 1}
 
@@ -233,7 +233,7 @@ def _acyclic(graph: AttributionGraph, groups: list[list[str]]) -> list[list[str]
 def _by_layer(graph: AttributionGraph, members: list[str]) -> list[list[str]]:
     layers: dict[int, list[str]] = defaultdict(list)
     for node in members:
-        layers[graph.graph.nodes[node]["layer"]].append(node)
+        layers[graph.nodes[node]["layer"]].append(node)
     return [layers[layer] for layer in sorted(layers)]
 
 
@@ -279,7 +279,7 @@ def _group_name(graph: AttributionGraph, members: list[str], rank: int) -> str:
 
 def group_label(graph: AttributionGraph, members: Iterable[str]) -> str:
     """The label of a group: its most influential member's label (or that member's feature key)."""
-    data = max((graph.graph.nodes[n] for n in members), key=lambda d: d["influence"])
+    data = max((graph.nodes[n] for n in members), key=lambda d: d["influence"])
     return data.get("label") or data.get("feature_key") or f"L{data['layer']}"
 
 

@@ -30,7 +30,7 @@ def normalised_weights(graph: AttributionGraph) -> dict[Edge, float]:
 def logit_weight(graph: AttributionGraph, node: str) -> float:
     """The weight a node carries as an attribution target: a logit's probability (1 for a logit difference);
     0 for every other node."""
-    data = graph.graph.nodes[node]
+    data = graph.nodes[node]
     if data["kind"] != "logit":
         return 0.0
     if graph.metadata.settings.logit_diff is not None:

@@ -135,7 +135,7 @@ def predicted_removal_effects(graph: AttributionGraph, target: str) -> dict[str,
 
 def _target_reader(graph: AttributionGraph, target: str) -> tuple[int, int, int | None]:
     """(position, token a, token b or None) of a logit node: its value is logit(a) - (logit(b) or the mean)."""
-    data = graph.graph.nodes[target]
+    data = graph.nodes[target]
     if data["kind"] != "logit":
         raise CircuitscopeError(f"{target!r} is not a logit node; name one of {sorted(graph.logit_nodes)}")
     key = target[len("logit:"): target.rindex("@")]
@@ -162,7 +162,7 @@ def validate_graph(lm: LoadedModel, dicts: DictionarySet, graph: AttributionGrap
     position, token_a, token_b = _target_reader(graph, target)
     whole = full_graph(graph)
     effects = predicted_removal_effects(whole, target)
-    nodes = sorted(graph.nodes_of_kind("feature"), key=lambda n: -graph.graph.nodes[n]["influence"])[:top]
+    nodes = sorted(graph.nodes_of_kind("feature"), key=lambda n: -graph.nodes[n]["influence"])[:top]
     if not nodes:
         raise CircuitscopeError("the graph has no feature nodes to validate")
 
@@ -177,7 +177,7 @@ def validate_graph(lm: LoadedModel, dicts: DictionarySet, graph: AttributionGrap
     base = {mode: value(run_replacement(lm, dicts, state, (), MODES[mode]).final_hidden) for mode in modes}
     rows = []
     for node in nodes:
-        data = graph.graph.nodes[node]
+        data = graph.nodes[node]
         ablation = [FeatureIntervention.ablate(data["layer"], data["feature"], data["position"])]
         measured = {mode: value(run_replacement(lm, dicts, state, ablation, MODES[mode]).final_hidden) - base[mode]
                     for mode in modes}
@@ -192,8 +192,8 @@ def validate_graph(lm: LoadedModel, dicts: DictionarySet, graph: AttributionGrap
     clean_logits = unembed(lm, state.clean.final_hidden[position])
     clean_value = float(clean_logits[token_a] - (clean_logits[token_b] if token_b is not None else clean_logits.mean()))
     return ValidationReport(
-        target=target, target_label=graph.graph.nodes[target].get("token") or target, target_position=position,
-        clean_value=clean_value, graph_value=graph.graph.nodes[target].get("value"),
+        target=target, target_label=graph.nodes[target].get("token") or target, target_position=position,
+        clean_value=clean_value, graph_value=graph.nodes[target].get("value"),
         graph_part="unpruned" if graph.unpruned is not None else "pruned", modes=list(modes), rows=rows,
         agreement={mode: agreement([r.predicted for r in rows], [r.measured[mode] for r in rows]) for mode in modes},
     )

@@ -32,7 +32,7 @@ class PromptSpec(BaseModel):
     @property
     def graph_name(self) -> str:
         """The graph file's name in the output folder's ``graphs/``."""
-        return f"{self.id}.json"
+        return f"{self.id}.safetensors"
 
 
 _SAFE_ID = re.compile(r"^[A-Za-z0-9._-]{1,100}$")
