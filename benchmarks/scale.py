@@ -263,14 +263,14 @@ def run_case(case: Case, data_dir: Path, device: str, device_map: str | None, pl
             out["build_graph_s"] = round(trace_s - timings["total"], 2)
             with tempfile.TemporaryDirectory() as tmp:
                 start = time.perf_counter()
-                graph.save(Path(tmp) / "graph.json")
+                written = graph.save(Path(tmp) / "graph.safetensors")
                 out["write_graph_s"] = round(time.perf_counter() - start, 2)
-                out["graph_mb"] = round((Path(tmp) / "graph.json").stat().st_size / 2**20, 1)
+                out["graph_mb"] = round(written.stat().st_size / 2**20, 1)
             tokens = len(meta.token_ids)
             out.update(tokens=tokens, active=meta.n_active_features,
                        rows=meta.n_expanded_features + len(graph.logit_nodes),
                        l0=round(meta.n_active_features / max(1, (tokens - 1) * lm.n_layers), 1),
-                       nodes=graph.graph.number_of_nodes(), edges=graph.graph.number_of_edges(),
+                       nodes=len(graph.nodes), edges=len(graph.table.edges),
                        trace_s=round(trace_s, 2))
             out["ms_per_row"] = round(1000 * timings["attribution"] / max(1, out["rows"]), 2)
             out.update(plan_estimate(meta) or {})

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import time
 
-import networkx as nx
+import numpy as np
 import torch
 
 from dictionaries.dictionary_set import DictionarySet
@@ -34,6 +34,7 @@ from .graph.attribution_graph import (
     PlanEstimate,
     Scores,
 )
+from .graph.graph_table import EdgeColumns, GraphTable
 from .graph.labels import label_graph
 from .graph.unpruned import removed_by_pruning
 from .settings import TraceSettings
@@ -102,19 +103,20 @@ def trace(
             blocks = result.recompute_rows(row_ids)
             remainders.fold(blocks)
             return blocks
-    graph = AttributionGraph(_build_networkx(result, pruned, groups, recompute), metadata)
+    graph = AttributionGraph(_build_table(result, pruned, groups, recompute), metadata)
     if settings.keep_unpruned:  # the whole graph, minus what the pruned one holds
         everything = PrunedGraph(result.blocks, torch.ones_like(pruned.node_mask), pruned.influence)
         # (the edges pruning removed keep their stored weights: bfloat16-rounded when the rows were stored so)
-        graph.unpruned = removed_by_pruning(_build_networkx(result, everything, groups), graph.graph)
+        graph.unpruned = removed_by_pruning(_build_table(result, everything, groups).to_networkx(), graph.graph)
     if labels is not None:
         label_graph(graph, labels)
     return graph
 
 
-def _build_networkx(result: Attribution, pruned: PrunedGraph, groups: list[RemainderGroup],
-                    recompute: Recompute | None = None) -> nx.DiGraph:
-    """The graph of ``pruned``; ``recompute`` gives exact rows when the stored ones are rounded."""
+def _build_table(result: Attribution, pruned: PrunedGraph, groups: list[RemainderGroup],
+                 recompute: Recompute | None = None) -> GraphTable:
+    """The graph of ``pruned`` as columns (nodes in layout order, edges as kept); ``recompute`` gives exact rows
+    when the stored ones are rounded. No per-edge Python object is made: a budgeted long trace keeps ~1M edges."""
     layout = result.layout
     features = result.replacement.features
     feature_of_node = {int(node): k for k, node in enumerate(layout.feature_node.tolist())}
@@ -126,15 +128,14 @@ def _build_networkx(result: Attribution, pruned: PrunedGraph, groups: list[Remai
     influence = pruned.influence.cpu()
 
     # edges first: a node is drawn when it is a token or logit, or has at least one kept edge
-    rows, cols, weights = kept_edges(pruned.blocks, len(target_nodes), recompute, result.settings.batch_size)
-    edges = list(zip(cols.tolist(), target_nodes[rows].tolist(), weights.tolist(), strict=True))
-    present = {s for s, _, _ in edges} | {t for _, t, _ in edges}
-    present |= set(layout.token_node.tolist()) | set(layout.logit_node.tolist())
+    rows, sources, weights = kept_edges(pruned.blocks, len(target_nodes), recompute, result.settings.batch_size)
+    targets = target_nodes.cpu()[rows]
+    present = torch.cat([sources, targets, layout.token_node.cpu(), layout.logit_node.cpu()]).unique()  # sorted
 
     ids: dict[int, str] = {}
-    graph = nx.DiGraph()
+    nodes: dict[str, dict] = {}
     target_row = {int(node): row for row, node in enumerate(target_nodes.tolist())}
-    for node in sorted(present):
+    for node in present.tolist():
         kind = int(layout.kind[node])
         position = int(layout.position[node])
         layer = int(layout.layer[node])
@@ -166,7 +167,12 @@ def _build_networkx(result: Attribution, pruned: PrunedGraph, groups: list[Remai
             ids[node] = f"feature:{layer}:{index}@{position}"
             attrs.update(kind="feature", feature=index, feature_key=f"{layer}:{index}",
                          activation=float(features.activation[k]))
-        graph.add_node(ids[node], **NodeData(id=ids[node], **attrs).model_dump(exclude={"id"}))
-    for source, target, weight in edges:
-        graph.add_edge(ids[source], ids[target], weight=weight)
-    return graph
+        nodes[ids[node]] = NodeData(id=ids[node], **attrs).model_dump(exclude={"id"})
+    place = torch.full((int(present.max()) + 1,), -1, dtype=torch.long)
+    place[present] = torch.arange(len(present))  # layout node -> its place in ``nodes``
+    source_at, target_at = place[sources].numpy(), place[targets].numpy()
+    # by source, then target: the order networkx lists the edges of a graph built from these columns, so a graph
+    # saved before and after its networkx graph is built has the same bytes and hash
+    order = np.lexsort((target_at, source_at))
+    return GraphTable(nodes, EdgeColumns(source_at[order].astype(np.int32), target_at[order].astype(np.int32),
+                                         weights.numpy()[order].astype(np.float32)))

@@ -118,7 +118,7 @@ def trace_command(prompt, model, dictionaries_path, selectors, out_dir, output, 
               "building the graph": traced - start - loading - meta.timings.get("total", 0.0),
               "writing files": time.perf_counter() - traced}
     click.echo(f"prompt     {meta.tokens}")
-    click.echo(f"graph      {graph.graph.number_of_nodes()} nodes, {graph.graph.number_of_edges()} edges "
+    click.echo(f"graph      {len(graph.nodes)} nodes, {len(graph.table.edges)} edges "
                f"({meta.n_active_features} active features, {meta.n_expanded_features} expanded) -> {output}")
     click.echo(f"scores     replacement {meta.scores.replacement:.3f}, completeness {meta.scores.completeness:.3f} "
                f"(unpruned {meta.scores.replacement_unpruned:.3f}, {meta.scores.completeness_unpruned:.3f})")

@@ -207,3 +207,15 @@ def test_every_command_is_listed_where_the_cli_finds_it_lazily():
     assert set(main.commands) == set(COMMAND_MODULES)
     for name, module in COMMAND_MODULES.items():
         assert main.commands[name].callback.__module__ == f"cli.{module}", name
+
+
+def test_a_trace_saves_the_same_bytes_before_and_after_its_networkx_graph_is_built(tiny_lm, tmp_path):
+    from circuits.settings import TraceSettings
+    from circuits.tracing import trace
+    from dictionaries.assembly import random_dictionary_set
+
+    dicts = random_dictionary_set(tiny_lm.n_layers, tiny_lm.d_model, 16, seed=0)
+    graph = trace(tiny_lm, dicts, "The cat sat", TraceSettings(max_features=6))
+    before = graph.save(tmp_path / "before.safetensors").read_bytes()
+    assert graph.graph.number_of_edges() > 0  # builds networkx from the trace's columns
+    assert graph.save(tmp_path / "after.safetensors").read_bytes() == before
