@@ -23,6 +23,7 @@ from dictionaries.models.tokenization import tokenize_prompt
 from ..settings import TraceSettings
 from .clean_run import CleanRun, record_clean_run
 from .edge_rows import EdgeRowComputer, RowBlock
+from .heap import return_freed_memory
 from .influence import node_influence
 from .linear_backward import FrozenLinearBackward
 from .node_layout import NodeLayout, build_layout
@@ -257,6 +258,9 @@ def plan_attribution(
     return _plan(lm, _prepare(lm, dicts, prompt, settings), settings)
 
 
+TRIM_EVERY = 8  # batches of rows between returns of freed heap memory (see circuits.engine.heap)
+
+
 def attribute(
     lm: LoadedModel,
     dicts: DictionarySet,
@@ -290,9 +294,11 @@ def attribute(
     expanded = torch.zeros(n_features, dtype=torch.bool, device=device)
     bar = tqdm(total=budget, desc="attribution", unit="feature", disable=not progress, leave=False)
     if budget == n_features:  # no budget: expand everything, in layer order
-        for chosen in torch.arange(n_features, device=device).split(batch_size):
+        for i, chosen in enumerate(torch.arange(n_features, device=device).split(batch_size)):
             blocks.extend(stored(rows.feature_rows(chosen, storage)))
             bar.update(len(chosen))
+            if i % TRIM_EVERY == TRIM_EVERY - 1:
+                return_freed_memory()
         expanded[:] = True
     else:
         done = 0
@@ -307,9 +313,12 @@ def attribute(
             # carry shorter gradient rows (a batch spans positions up to its latest target)
             chosen_window = ranking[:window]
             chosen_window = chosen_window[torch.argsort(features.position[chosen_window], stable=True)]
-            for chosen in chosen_window.split(batch_size):
+            for i, chosen in enumerate(chosen_window.split(batch_size)):
                 blocks.extend(stored(rows.feature_rows(chosen, storage)))
                 bar.update(len(chosen))
+                if i % TRIM_EVERY == TRIM_EVERY - 1:
+                    return_freed_memory()
+            return_freed_memory()
             expanded[chosen_window] = True
             done += window
     bar.close()
