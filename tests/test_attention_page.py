@@ -100,3 +100,40 @@ def test_the_page_shows_a_selected_edges_heads_and_qk_in_headless_chromium(trace
     for node in (top.query_source, top.key_source):  # named by the page's label, or by id outside the graph
         name = node_label(graph, node)[0] if node in graph.graph.nodes else node
         assert html.escape(name, quote=False) in pair_row, (name, pair_row)
+
+
+def test_cli_writes_the_page_with_heads_and_refuses_an_unwritable_path(tmp_path, tiny_checkpoint_dir, monkeypatch):
+    from click.testing import CliRunner
+    from conftest import PROMPT
+
+    import cli.query_commands
+    from cli import main
+    from dictionaries.formats.native import save_native
+
+    folder = str(save_native(random_dictionary_set(4, 32, 16, seed=0), tmp_path / "dicts"))
+    graph_path = tmp_path / "graph.json"
+    result = CliRunner().invoke(main, ["trace", PROMPT, "--model", str(tiny_checkpoint_dir), "--dictionaries", folder,
+                                       "-o", str(graph_path), "--batch-size", "16", "--no-drawings"])
+    assert result.exit_code == 0, (result.output, result.exception)
+    page = tmp_path / "pages" / "g.html"  # its folder is created
+    result = CliRunner().invoke(main, ["query", str(graph_path), "attention", "--top-edges", "6", "--heads", "2",
+                                       "--html", str(page), "--qk-edges", "2", "--json"])
+    assert result.exit_code == 0, (result.output, result.exception)
+    routes = json.loads(result.stdout)
+    text = page.read_text()
+    data = json.loads(text.split('<script id="graph-data" type="application/json">')[1].split("</script>")[0])
+    summary = AttentionSummary.model_validate(data["attention"])
+    assert [(e.source, e.target, [list(h) for h in e.heads]) for e in summary.edges] == [
+        (r["source"], r["target"], r["heads"]) for r in routes]
+    assert [len(e.qk) for e in summary.edges] == [2, 2, 0, 0, 0, 0] and HEADS_JS in text
+
+    def no_rerun(*args):
+        raise AssertionError("the output path is checked before the prompt is rerun")
+
+    monkeypatch.setattr(cli.query_commands, "_trace_state", no_rerun)
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    for path, words in [(tmp_path, "is a directory"), (blocker / "g.html", "is not a directory")]:
+        result = CliRunner().invoke(main, ["query", str(graph_path), "attention", "--html", str(path)])
+        assert result.exit_code == 2 and words in result.stderr, (path, result.output, result.exception)
+        assert len(result.stderr.strip().splitlines()) == 1
