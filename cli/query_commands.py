@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import click
 
@@ -268,14 +269,22 @@ def query_qk(graph, layer, head, query_position, key_position, edge, top, device
 @click.option("--neuronpedia", "np_path", default=None, help="Also write the Neuronpedia JSON with QK results "
                                                              "(qk_tracing_results) for the strongest edges' targets.")
 @click.option("--qk-nodes", default=10, show_default=True, help="Targets given QK results in the Neuronpedia JSON.")
+@click.option("--html", "html_path", default=None, help="Also write the graph's HTML page with these edges' heads: "
+                                                        "selecting an input edge shows its heads and their QK.")
+@click.option("--qk-edges", default=20, show_default=True, type=click.IntRange(min=0),
+              help="Edges (strongest first) whose heads get QK attributions on the HTML page.")
 @device_option
 @json_option
 @click.pass_obj
-def query_attention(graph, top_edges, n_heads, np_path, qk_nodes, device, as_json) -> None:
+def query_attention(graph, top_edges, n_heads, np_path, qk_nodes, html_path, qk_edges, device, as_json) -> None:
     """The strongest cross-position edges, each with the attention heads that carry most of it (layer.head and the
     signed share), from one backward pass per target. Reruns the graph's prompt."""
     from circuits.attention.heads import annotate_edges
+    from dictionaries.atomic_output import check_writable
 
+    for path in (np_path, html_path):  # before the rerun, not after it
+        if path is not None and check_writable(path):
+            click.echo(f"note: created the folder {Path(path).parent}", err=True)
     state = _trace_state(graph, device)
     routes = annotate_edges(state, graph, top_edges, n_heads)
     if np_path is not None:
@@ -283,10 +292,17 @@ def query_attention(graph, top_edges, n_heads, np_path, qk_nodes, device, as_jso
         from circuits.graph.neuronpedia import save_neuronpedia
 
         save_neuronpedia(graph, np_path, qk_tracing=neuronpedia_qk(state, graph, routes, qk_nodes))
+    if html_path is not None:
+        from circuits.attention.summary import attention_summary
+        from viz.html import save_html
+
+        save_html(graph, html_path, attention=attention_summary(state, routes, qk_edges))
     lines = [f"  {'weight':>9}  {'source':<26} {'target':<26} heads (layer.head share)"]
     for r in routes:
         heads = " ".join(f"L{layer}.H{head} {share:+.3g}" for layer, head, share in r.heads)
         lines.append(f"  {r.weight:+9.4g}  {r.source:<26} {r.target:<26} {heads}")
     if np_path is not None:
         lines.append(f"neuronpedia   {np_path}")
+    if html_path is not None:
+        lines.append(f"html          {html_path}")
     _emit(as_json, routes, "\n".join(lines))

@@ -8,6 +8,10 @@ how many of the most important edges among them are drawn, the first view fits t
 lists its inputs and outputs (and, for a
 feature whose graph carries labels, its top-activating contexts and the tokens it promotes and suppresses),
 hovering shows details. See :mod:`viz.page_script` for the script and how the page reports errors.
+
+With an attention section (:class:`circuits.attention.summary.AttentionSummary`, from ``circuitscope query GRAPH
+attention --html``) the page also embeds the annotated edges' head routes and QK attributions, and a selected node's
+input rows with head data open a panel of the edge's heads (:mod:`viz.page_heads`). Without it the page has neither.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import html
 import json
 from dataclasses import asdict
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pydantic import BaseModel, Field
 
@@ -26,10 +31,14 @@ from circuits.graph.weights import edge_importance
 from dictionaries.atomic_output import write_text_atomic
 
 from .labels import drawn_lines, node_description, node_label
+from .page_heads import HEADS_CSS, HEADS_JS
 from .page_script import ERROR_TRAP, PAGE_JS
 from .page_style import PAGE_CSS
 from .palette import NEGATIVE, POSITIVE
 from .selection import DrawLimits, Grid, ranked_nodes
+
+if TYPE_CHECKING:  # the summary's module imports torch; the page only dumps it
+    from circuits.attention.summary import AttentionSummary
 
 
 class PageOptions(BaseModel):
@@ -46,10 +55,11 @@ def _short(x: float) -> float:
     return float(f"{x:.6g}")
 
 
-def page_data(graph: AttributionGraph, options: PageOptions) -> dict:
+def page_data(graph: AttributionGraph, options: PageOptions, attention: AttentionSummary | None = None) -> dict:
     """What the page's script reads: metadata, the layout's grid, nodes (with their label, the lines drawn and
     cumulative influence; ``cum`` is null for nodes that do not compete for a place) and edges
-    ``[source index, target index, weight]``, most important first."""
+    ``[source index, target index, weight]``, most important first; with ``attention``, its JSON as
+    ``attention``."""
     meta = graph.metadata
     ranked = ranked_nodes(graph)
     shares = cumulative_influence(graph, ranked)
@@ -71,7 +81,7 @@ def page_data(graph: AttributionGraph, options: PageOptions) -> dict:
     summary = (f"{meta.model} · {meta.dictionaries.kind} · replacement {meta.scores.replacement:.3f}, "
                f"completeness {meta.scores.completeness:.3f} · {graph.graph.number_of_nodes()} nodes, "
                f"{graph.graph.number_of_edges()} edges")
-    return {
+    data = {
         "meta": {"prompt": meta.prompt, "summary": summary, "n_layers": meta.n_layers,
                  "n_edges": graph.graph.number_of_edges()},
         "view": {"threshold": threshold, "edges": options.edges_shown},
@@ -83,6 +93,9 @@ def page_data(graph: AttributionGraph, options: PageOptions) -> dict:
         "edges": edges,
         "features": _feature_info(graph),
     }
+    if attention is not None:
+        data["attention"] = attention.model_dump(mode="json")
+    return data
 
 
 def _feature_info(graph: AttributionGraph) -> dict:
@@ -98,15 +111,19 @@ def _inline_json(value: dict) -> str:
     return json.dumps(value, ensure_ascii=False, separators=(",", ":")).replace("<", "\\u003c")
 
 
-def render_html(graph: AttributionGraph, options: PageOptions | None = None) -> str:
-    """The page as one HTML string."""
+def render_html(graph: AttributionGraph, options: PageOptions | None = None,
+                attention: AttentionSummary | None = None) -> str:
+    """The page as one HTML string (with ``attention``: its section, and the heads panel's style and script)."""
     options = options or PageOptions()
+    style, heads_script = PAGE_CSS, ""
+    if attention is not None:
+        style, heads_script = PAGE_CSS + HEADS_CSS, f"<script>{HEADS_JS}</script>\n"
     title = html.escape(f"circuitscope: {graph.metadata.prompt}")
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>{title}</title>
 <meta http-equiv="Content-Security-Policy"
  content="default-src 'none'; style-src 'unsafe-inline'; script-src 'unsafe-inline'">
-<style>{PAGE_CSS}</style></head>
+<style>{style}</style></head>
 <body data-state="loading">
 <script>{ERROR_TRAP}</script>
 <div id="canvas"><svg id="graph" xmlns="http://www.w3.org/2000/svg"></svg></div>
@@ -121,13 +138,14 @@ def render_html(graph: AttributionGraph, options: PageOptions | None = None) -> 
 <span class="hint">blue: positive, red: negative; width: |weight|</span></div>
 <div id="details"></div><pre id="errors"></pre></div>
 <div id="tooltip"></div>
-<script id="graph-data" type="application/json">{_inline_json(page_data(graph, options))}</script>
-<script>{PAGE_JS}</script>
+<script id="graph-data" type="application/json">{_inline_json(page_data(graph, options, attention))}</script>
+{heads_script}<script>{PAGE_JS}</script>
 </body></html>
 """
 
 
-def save_html(graph: AttributionGraph, path: str | Path, options: PageOptions | None = None) -> Path:
+def save_html(graph: AttributionGraph, path: str | Path, options: PageOptions | None = None,
+              attention: AttentionSummary | None = None) -> Path:
     """Write the page to ``path`` (atomically)."""
-    write_text_atomic(path, render_html(graph, options))
+    write_text_atomic(path, render_html(graph, options, attention))
     return Path(path)

@@ -10,7 +10,10 @@ important edges among them; the first view (and the "fit" button) zooms so that 
 its inputs and outputs (rows are clickable) and, for a feature with labels (``data.features``, keyed by the
 node's ``fk``), its top contexts in ``#contexts`` (one ``.ctx`` row each, tokens shaded by activation, the
 maximum marked ``.peak``) and its promoted and suppressed tokens; hovering shows details; ``#node=ID`` in the
-address selects a node on load.
+address selects a node on load. Each row of the lists carries its edge's index (``data-edge``). Extensions (the
+heads panel, :mod:`viz.page_heads`) are factories in ``window.circuitscopeExtensions``, set by a script before
+this one: each is called once with the page (``data``, ``nodes``, ``edges``, ``select``) and returns an object
+whose ``selected(i)`` runs after a node's lists are built.
 """
 
 ERROR_TRAP = """
@@ -278,6 +281,7 @@ PAGE_JS = """
         share.className = 'num';
         share.textContent = total ? (100 * Math.abs(w) / total).toFixed(1) + '%' : '';
         row.title = nodes[other].desc;
+        row.setAttribute('data-edge', String(k));
         row.addEventListener('click', function () { select(other); });
       });
     box.appendChild(t);
@@ -348,6 +352,7 @@ PAGE_JS = """
       if (nodes[i].fk && data.features && data.features[nodes[i].fk]) { featurePanel(data.features[nodes[i].fk]); }
       table('Inputs', ins[i], 0, absTotal(ins[i]));
       table('Outputs', outs[i], 1, absTotal(outs[i]));
+      extensions.forEach(function (x) { x.selected(i); });
       remember('#node=' + encodeURIComponent(nodes[i].id));
     }
     render();
@@ -367,6 +372,9 @@ PAGE_JS = """
     canvas.scrollTop = 0;
   }
 
+  var extensions = (window.circuitscopeExtensions || []).map(function (make) {
+    return make({ data: data, nodes: nodes, edges: edges, select: function (i) { select(i); } });
+  });
   $('title').textContent = meta.prompt;
   $('meta').textContent = meta.summary;
   $('threshold').value = state.threshold;
