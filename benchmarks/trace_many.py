@@ -8,7 +8,8 @@ the two (target <= 1.15: no reloads, no repeated setup), prompts/minute, the RSS
 peak RSS (flat = no growth over the run), and the aggregation time.
 
     python benchmarks/trace_many.py              # 100 prompts
-    python benchmarks/trace_many.py --count 30
+    python benchmarks/trace_many.py --count 30 --out /tmp/many   # keep the folder
+    python benchmarks/trace_many.py --out /tmp/many --aggregate-only   # time the aggregation of a kept folder
 """
 
 from __future__ import annotations
@@ -48,9 +49,41 @@ def prompts(count: int) -> list[dict]:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--count", type=int, default=100)
+    parser.add_argument("--out", type=Path, default=None, help="Keep the run's folder here (default: a temporary one).")
+    parser.add_argument("--aggregate-only", action="store_true", help="Only aggregate --out's graphs.")
     args = parser.parse_args()
+    if args.aggregate_only:
+        if args.out is None:
+            parser.error("--aggregate-only needs --out")
+        _aggregation(args.out)
+        return
+    if args.out is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
+        _run(args.count, args.out)
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            _run(args.count, Path(tmp))
 
+
+def _aggregation(out: Path) -> None:
+    """What ``trace-many`` does after the last prompt: the tables, summary.json and report.html."""
     from circuits.many.aggregate import aggregate
+    from circuits.many.runner import read_index
+    from viz.many_report import write_report
+
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    start = time.perf_counter()
+    summary = aggregate(out)
+    write_report(out, read_index(out), summary)
+    aggregation = time.perf_counter() - start
+    print(f"aggregation  {aggregation:.2f} s for {summary['n_done']} graphs")
+    print(f"peak rss     {before:.0f} MB before aggregating, "
+          f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB after")
+
+
+def _run(count: int, out: Path) -> None:
+    """Trace ``count`` prompts into ``out`` as trace-many does (model and dictionaries loaded once), then
+    aggregate."""
     from circuits.many.prompts import read_prompts
     from circuits.many.runner import trace_share, write_index
     from circuits.settings import TraceSettings
@@ -59,39 +92,33 @@ def main() -> None:
     from dictionaries.labels import FeatureLabels
     from dictionaries.models.registry import DEFAULT_MODEL
 
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp)
-        (out / "prompts.jsonl").write_text("".join(json.dumps(p) + "\n" for p in prompts(args.count)))
-        specs = read_prompts(out / "prompts.jsonl")
-        start = time.perf_counter()
-        loaded = load_model_and_dictionaries(DEFAULT_MODEL, None, "float32", None)
-        labels = FeatureLabels.load(loaded.local)
-        loading = time.perf_counter() - start
-        lengths = [len(loaded.lm.tokenize(s.prompt)[0]) for s in specs]
-        print(f"prompts      {len(specs)}, {min(lengths)}-{max(lengths)} tokens; loading {loading:.1f} s")
-        single: list[float] = []
+    (out / "prompts.jsonl").write_text("".join(json.dumps(p) + "\n" for p in prompts(count)))
+    specs = read_prompts(out / "prompts.jsonl")
+    start = time.perf_counter()
+    loaded = load_model_and_dictionaries(DEFAULT_MODEL, None, "float32", None)
+    labels = FeatureLabels.load(loaded.local)
+    loading = time.perf_counter() - start
+    lengths = [len(loaded.lm.tokenize(s.prompt)[0]) for s in specs]
+    print(f"prompts      {len(specs)}, {min(lengths)}-{max(lengths)} tokens; loading {loading:.1f} s")
+    single: list[float] = []
 
-        def trace_one(prompt, settings):
-            graph = trace(loaded.lm, loaded.dicts, prompt, settings, dictionaries_source=loaded.source,
-                          labels=labels)
-            single.append(graph.metadata.timings["total"])
-            if len(single) % 10 == 0:
-                print(f"rss          after {len(single):3d} prompts: {_rss_mb():.0f} MB", flush=True)
-            return graph
+    def trace_one(prompt, settings):
+        graph = trace(loaded.lm, loaded.dicts, prompt, settings, dictionaries_source=loaded.source,
+                      labels=labels)
+        single.append(graph.metadata.timings["total"])
+        if len(single) % 10 == 0:
+            print(f"rss          after {len(single):3d} prompts: {_rss_mb():.0f} MB", flush=True)
+        return graph
 
-        start = time.perf_counter()
-        failures = trace_share(specs, out, TraceSettings(), trace_one, progress=False)
-        write_index(specs, out, TraceSettings())
-        total = time.perf_counter() - start
-        start = time.perf_counter()
-        aggregate(out)
-        aggregation = time.perf_counter() - start
+    start = time.perf_counter()
+    failures = trace_share(specs, out, TraceSettings(), trace_one, progress=False)
+    write_index(specs, out, TraceSettings())
+    total = time.perf_counter() - start
     print(f"failed       {len(failures)}: {sorted(failures)[:5]}")
     print(f"tracing      {total:.1f} s total, sum of single traces {sum(single):.1f} s, "
           f"ratio {total / max(sum(single), 1e-9):.3f}")
     print(f"throughput   {60 * len(specs) / total:.1f} prompts/minute")
-    print(f"aggregation  {aggregation:.2f} s")
-    print(f"peak rss     {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB")
+    _aggregation(out)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ from .options import device_option, dictionaries_options, dtype_option, model_op
 @main.command("trace-many")
 @click.argument("prompts_path", metavar="PROMPTS.jsonl")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), required=True,
-              help="Folder for graphs/ID.json, index.json and the aggregate.")
+              help="Folder for graphs/ID.safetensors, index.json and the aggregate.")
 @model_option()
 @dictionaries_options()
 @click.option("--no-labels", is_flag=True, help="Leave feature nodes unlabelled.")
@@ -105,7 +105,7 @@ def trace_many_command(prompts_path, out_dir, model, dictionaries_path, selector
 def aggregate_command(out_dir, compare, permutations, seed, top, pages) -> None:
     """Aggregate the graphs of DIR (written by trace-many): features.csv, edges.csv, prompts.csv, summary.json,
     report.html; with --compare A B also compare-A-B.csv."""
-    from circuits.many.aggregate import _csv, aggregate, load_reduced
+    from circuits.many.aggregate import aggregate, csv_text, load_reduced
     from circuits.many.compare import compare_groups
     from dictionaries.atomic_output import write_text_atomic
     from viz.many_report import write_report
@@ -122,7 +122,7 @@ def aggregate_command(out_dir, compare, permutations, seed, top, pages) -> None:
     rows = [vars(r) for r in compare_groups(reduced, group_a, group_b, permutations, seed)]
     columns = ["feature_key", "mean_a", "mean_b", "difference", "effect_size", "p_value", "label"]
     path = out / f"compare-{group_a}-{group_b}.csv"
-    write_text_atomic(path, _csv(rows, columns))
+    write_text_atomic(path, csv_text(rows, columns))
     click.echo(f"compare    {group_a} vs {group_b}: mean influence A, B, difference, Cohen's d, p "
                f"({permutations} permutations) -> {path}")
     for r in rows[:top]:

@@ -7,13 +7,14 @@ import csv
 import json
 import random
 
+import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
 from test_trace_many import _args, _write_prompts
 
 from circuits.graph.attribution_graph import AttributionGraph
-from circuits.many.aggregate import GraphFeatures
+from circuits.many.aggregate import EdgeTally, FeatureEdges, GraphFeatures
 from circuits.many.compare import compare_groups, permutation_test
 from cli import main
 from dictionaries.assembly import random_dictionary_set
@@ -103,7 +104,7 @@ def _planted(shuffle: bool) -> list[GraphFeatures]:
         influence = {f"1:{k}": generator.gauss(1.0, 0.3) for k in range(20)}
         if truth == "a":
             influence["3:7"] = generator.gauss(2.0, 0.3)  # the planted feature: only in the first half
-        reduced.append(GraphFeatures(str(i), groups[i], influence, dict(influence), {"3:7": "planted"}, {}))
+        reduced.append(GraphFeatures(str(i), groups[i], influence, dict(influence), {"3:7": "planted"}))
     return reduced
 
 
@@ -132,3 +133,28 @@ def test_the_permutation_p_value_equals_a_loop_over_the_same_permutations():
         mask = in_a[perm]
         count += ((x[mask].mean(0) - x[~mask].mean(0)).abs() >= observed - 1e-12).float()
     assert torch.allclose(p, (1 + count.double()) / 51)
+
+
+@pytest.mark.parametrize("merge_at", [1, 7, 1 << 20])
+def test_edge_tally_equals_a_dict_count_however_often_it_merges(merge_at):
+    """Graphs with overlapping random keys and pairs: the tally's counts and mean weights equal a dict's, whether
+    it merges after every graph, now and then, or once at the end."""
+    rng = np.random.default_rng(0)
+    tally, expected = EdgeTally(merge_at=merge_at), {}
+    for g in range(30):  # 9 possible keys: pairs recur across graphs and across merges
+        keys = [f"{layer}:{index}" for layer, index in rng.integers(0, 3, size=(rng.integers(3, 12), 2))]
+        keys = list(dict.fromkeys(keys))
+        pairs = {(int(s), int(t)) for s, t in rng.integers(0, len(keys), size=(8, 2))}
+        sources, targets = (np.array(c, dtype=np.int32) for c in zip(*sorted(pairs), strict=True))
+        weights = rng.normal(size=len(pairs))
+        tally.add(GraphFeatures(str(g), None, dict.fromkeys(keys, 1.0), dict.fromkeys(keys, 1.0), {},
+                                FeatureEdges(sources, targets, weights)))
+        for s, t, w in zip(sources, targets, weights, strict=True):
+            expected.setdefault((keys[s], keys[t]), []).append(float(w))
+    rows = tally.rows(min_count=1)
+    assert {(r["source"], r["target"]): r["n_graphs"] for r in rows} == {p: len(w) for p, w in expected.items()}
+    for r in rows:
+        ws = expected[(r["source"], r["target"])]
+        assert r["mean_weight"] == pytest.approx(sum(ws) / len(ws), rel=1e-12, abs=1e-15)
+    assert len(tally.rows(min_count=2)) == sum(len(w) >= 2 for w in expected.values()) > 0
+    assert rows == sorted(rows, key=lambda r: (-r["n_graphs"], -abs(r["mean_weight"]), r["source"], r["target"]))

@@ -100,6 +100,11 @@ class AttributionGraph:
         """Node id -> attributes, without building ``networkx``."""
         return self._graph.nodes if self._graph is not None else self._table.nodes
 
+    @property
+    def n_edges(self) -> int:
+        """The number of edges, without building ``networkx``."""
+        return self._graph.number_of_edges() if self._graph is not None else len(self._table.edges)
+
     def in_edges(self, node: str) -> list[tuple[str, float]]:
         """(source, weight) of the edges into ``node``."""
         if self._graph is not None:

@@ -15,8 +15,10 @@ import csv
 import io
 import json
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+
+import numpy as np
 
 from circuits.graph.attribution_graph import AttributionGraph
 from dictionaries.atomic_output import write_text_atomic
@@ -26,39 +28,67 @@ from .runner import read_index
 ALL = "all"
 
 
+@dataclass(frozen=True)
+class FeatureEdges:
+    """One graph's feature -> feature edges summed over positions: pair i runs from ``keys[sources[i]]`` to
+    ``keys[targets[i]]`` (``keys``: the graph's feature keys in :attr:`GraphFeatures.influence`'s order) with
+    ``weights[i]``. ``sources``, ``targets``: (P,) int32; ``weights``: (P,) float64. Arrays, not a dict of
+    string pairs: a graph has hundreds of thousands of them, and a hundred graphs' worth as Python tuples took
+    gigabytes."""
+
+    sources: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int32))
+    targets: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int32))
+    weights: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.float64))
+
+    def __len__(self) -> int:
+        return len(self.weights)
+
+
 @dataclass
 class GraphFeatures:
     """One graph reduced to its features and feature edges."""
 
     id: str
     group: str | None
-    influence: dict[str, float]  # feature_key -> summed influence
+    influence: dict[str, float]  # feature_key -> summed influence (its order numbers the keys of ``edges``)
     activation: dict[str, float]  # feature_key -> largest activation
     labels: dict[str, str]
-    edges: dict[tuple[str, str], float]  # (source key, target key) -> summed weight
+    edges: FeatureEdges = field(default_factory=FeatureEdges)
+
+
+def _sum_pairs(sources: np.ndarray, targets: np.ndarray, weights: np.ndarray, n_keys: int,
+               ) -> FeatureEdges:
+    """Equal (source, target) pairs put together, in (source, target) order. ``sources``, ``targets``: (E,) ints
+    below ``n_keys``; ``weights``: (E,)."""
+    width = max(n_keys, 1)
+    unique, inverse = np.unique(sources.astype(np.int64) * width + targets, return_inverse=True)
+    sums = np.bincount(inverse, weights=weights.astype(np.float64), minlength=len(unique))
+    return FeatureEdges((unique // width).astype(np.int32), (unique % width).astype(np.int32), sums)
 
 
 def reduce_graph(graph: AttributionGraph, id: str, group: str | None) -> GraphFeatures:
-    nodes = graph.graph.nodes
-    influence: dict[str, float] = defaultdict(float)
+    """Read from the graph's columns (no ``networkx``): per feature key its summed influence, largest activation
+    and label; its feature edges summed per key pair."""
+    table = graph.table
+    influence: dict[str, float] = {}
     activation: dict[str, float] = {}
     labels: dict[str, str] = {}
-    for _name, data in nodes(data=True):
+    key_numbers: dict[str, int] = {}  # feature key -> its number, in order of first appearance
+    key_of_node = np.full(len(table.nodes), -1, dtype=np.int64)  # node number -> key number, -1: not a feature
+    for number, data in enumerate(table.nodes.values()):
         key = data.get("feature_key")
         if data.get("kind") != "feature" or key is None:
             continue
-        influence[key] += float(data.get("influence") or 0.0)
+        key_of_node[number] = key_numbers.setdefault(key, len(key_numbers))
+        influence[key] = influence.get(key, 0.0) + float(data.get("influence") or 0.0)
         act = float(data.get("activation") or 0.0)
         activation[key] = max(activation.get(key, act), act)
         if data.get("label"):
             labels[key] = data["label"]
-    edges: dict[tuple[str, str], float] = defaultdict(float)
-    for source, target, data in graph.graph.edges(data=True):
-        s, t = nodes[source].get("feature_key"), nodes[target].get("feature_key")
-        if s is not None and t is not None and nodes[source].get("kind") == "feature" \
-                and nodes[target].get("kind") == "feature":
-            edges[(s, t)] += float(data["weight"])
-    return GraphFeatures(id, group, dict(influence), activation, labels, dict(edges))
+    sources, targets = key_of_node[table.edges.sources], key_of_node[table.edges.targets]
+    both = (sources >= 0) & (targets >= 0)
+    edges = _sum_pairs(sources[both], targets[both], table.edges.weights[both], len(influence))
+    return GraphFeatures(id, group, influence, activation, labels, edges)
 
 
 def load_reduced(out: Path) -> tuple[dict, list[GraphFeatures]]:
@@ -83,10 +113,14 @@ def feature_rows(reduced: list[GraphFeatures]) -> list[dict]:
     labels = {k: v for g in reduced for k, v in g.labels.items()}
     for group in [ALL, *groups]:
         members = [g for g in reduced if group == ALL or g.group == group]
-        keys = sorted({k for g in members for k in g.influence}, key=_split)
-        for key in keys:
-            infl = [g.influence[key] for g in members if key in g.influence]
-            act = [g.activation[key] for g in members if key in g.activation]
+        influences: dict[str, list[float]] = defaultdict(list)
+        activations: dict[str, list[float]] = defaultdict(list)
+        for g in members:  # one pass over the graphs' features, not one per feature
+            for key, value in g.influence.items():
+                influences[key].append(value)
+                activations[key].append(g.activation[key])
+        for key in sorted(influences, key=_split):
+            infl, act = influences[key], activations[key]
             layer, index = _split(key)
             rows.append({"group": group, "layer": layer, "index": index, "feature_key": key, "n_graphs": len(infl),
                          "n_group_graphs": len(members), "mean_influence": sum(infl) / len(infl),
@@ -95,15 +129,69 @@ def feature_rows(reduced: list[GraphFeatures]) -> list[dict]:
     return rows
 
 
+class EdgeTally:
+    """Feature -> feature pairs over many graphs: per pair the number of graphs and the sum of weights, kept as
+    sorted arrays and merged as graphs are added (pending arrays are folded in once they outgrow the tally, so
+    the work is O(P log P) over P pairs in all and memory stays near the distinct pairs, not the sum of the
+    graphs'). Feature keys are numbered in order of first appearance; a pair's code is
+    ``source number * 2**31 + target number``."""
+
+    SHIFT = 2**31
+
+    def __init__(self, merge_at: int = 1 << 20) -> None:
+        self.merge_at = merge_at  # pending pairs that trigger a merge at the least
+        self.numbers: dict[str, int] = {}
+        self.codes = np.zeros(0, dtype=np.int64)  # (U,) sorted
+        self.counts = np.zeros(0, dtype=np.int64)  # (U,)
+        self.sums = np.zeros(0, dtype=np.float64)  # (U,)
+        self._pending: list[tuple[np.ndarray, np.ndarray]] = []
+        self._pending_size = 0
+
+    def add(self, graph: GraphFeatures) -> None:
+        numbers = np.array([self.numbers.setdefault(k, len(self.numbers)) for k in graph.influence], dtype=np.int64)
+        if not len(graph.edges):
+            return
+        codes = numbers[graph.edges.sources] * self.SHIFT + numbers[graph.edges.targets]
+        self._pending.append((codes, graph.edges.weights))
+        self._pending_size += len(codes)
+        if self._pending_size >= max(len(self.codes), self.merge_at):
+            self._merge()
+
+    def _merge(self) -> None:
+        if not self._pending:
+            return
+        codes = np.concatenate([self.codes, *(c for c, _ in self._pending)])
+        counts = np.concatenate([self.counts, *(np.ones(len(c), dtype=np.int64) for c, _ in self._pending)])
+        sums = np.concatenate([self.sums, *(w for _, w in self._pending)])
+        self._pending, self._pending_size = [], 0
+        self.codes, inverse = np.unique(codes, return_inverse=True)
+        self.counts = np.bincount(inverse, weights=counts, minlength=len(self.codes)).astype(np.int64)
+        self.sums = np.bincount(inverse, weights=sums, minlength=len(self.codes))
+
+    def rows(self, min_count: int = 2) -> list[dict]:
+        """Pairs found in at least ``min_count`` graphs (source, target, n_graphs, mean_weight), most graphs
+        first, then by |mean weight| descending, then by source and target key."""
+        self._merge()
+        keys = list(self.numbers)
+        rank = np.empty(len(keys), dtype=np.int64)  # key number -> its place in string order
+        rank[sorted(range(len(keys)), key=keys.__getitem__)] = np.arange(len(keys))
+        chosen = np.flatnonzero(self.counts >= min_count)
+        sources, targets = self.codes[chosen] // self.SHIFT, self.codes[chosen] % self.SHIFT
+        counts, means = self.counts[chosen], self.sums[chosen] / self.counts[chosen]
+        order = np.lexsort((rank[targets], rank[sources], -np.abs(means), -counts))
+        names = np.array(keys, dtype=object)
+        return [{"source": s, "target": t, "n_graphs": n, "mean_weight": w}
+                for s, t, n, w in zip(names[sources[order]].tolist(), names[targets[order]].tolist(),
+                                      counts[order].tolist(), means[order].tolist(), strict=True)]
+
+
 def edge_rows(reduced: list[GraphFeatures], min_count: int = 2) -> list[dict]:
-    """Feature -> feature pairs found in at least ``min_count`` graphs: count and mean weight."""
-    weights: dict[tuple[str, str], list[float]] = defaultdict(list)
+    """Feature -> feature pairs found in at least ``min_count`` graphs: count and mean weight (see
+    :meth:`EdgeTally.rows` for the order)."""
+    tally = EdgeTally()
     for g in reduced:
-        for pair, w in g.edges.items():
-            weights[pair].append(w)
-    rows = [{"source": s, "target": t, "n_graphs": len(ws), "mean_weight": sum(ws) / len(ws)}
-            for (s, t), ws in weights.items() if len(ws) >= min_count]
-    return sorted(rows, key=lambda r: (-r["n_graphs"], -abs(r["mean_weight"]), r["source"], r["target"]))
+        tally.add(g)
+    return tally.rows(min_count)
 
 
 def prompt_rows(index: dict) -> list[dict]:
@@ -119,12 +207,13 @@ def prompt_rows(index: dict) -> list[dict]:
     return rows
 
 
-def _csv(rows: list[dict], columns: list[str]) -> str:
+def csv_text(rows: list[dict], columns: list[str]) -> str:
+    """``rows`` as CSV: a header, then each row's ``columns`` in order (floats as ``repr``, so they read back
+    exactly; a missing column is empty)."""
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, columns, lineterminator="\n")
-    writer.writeheader()
-    for row in rows:
-        writer.writerow({c: (repr(v) if isinstance(v, float) else v) for c, v in row.items() if c in columns})
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(columns)
+    writer.writerows([repr(v) if isinstance(v := row.get(c, ""), float) else v for c in columns] for row in rows)
     return buffer.getvalue()
 
 
@@ -143,9 +232,9 @@ def aggregate(out: str | Path, top: int = 20, loaded: tuple[dict, list[GraphFeat
     features = feature_rows(reduced)
     edges = edge_rows(reduced)
     prompts = prompt_rows(index)
-    write_text_atomic(out / "features.csv", _csv(features, FEATURE_COLUMNS))
-    write_text_atomic(out / "edges.csv", _csv(edges, EDGE_COLUMNS))
-    write_text_atomic(out / "prompts.csv", _csv(prompts, PROMPT_COLUMNS))
+    write_text_atomic(out / "features.csv", csv_text(features, FEATURE_COLUMNS))
+    write_text_atomic(out / "edges.csv", csv_text(edges, EDGE_COLUMNS))
+    write_text_atomic(out / "prompts.csv", csv_text(prompts, PROMPT_COLUMNS))
     by_group: dict[str, list[dict]] = defaultdict(list)
     for row in features:
         by_group[row["group"]].append(row)

@@ -82,7 +82,7 @@ def trace_share(specs: list[PromptSpec], out: Path, base: TraceSettings, trace_o
 
 
 def _top_logits(graph: AttributionGraph, count: int = 5) -> list[dict]:
-    nodes = graph.graph.nodes
+    nodes = graph.nodes
     logits = sorted(graph.logit_nodes, key=lambda n: (-(nodes[n].get("probability") or 0.0), n))[:count]
     return [{"token": nodes[n]["token"], "probability": nodes[n].get("probability")} for n in logits]
 
@@ -107,7 +107,7 @@ def write_index(specs: list[PromptSpec], out: Path, base: TraceSettings, world_s
             scores = graph.metadata.scores
             row.update(status="done", content_hash=graph.content_hash, top_logits=_top_logits(graph),
                        scores=None if scores is None else scores.model_dump(),
-                       n_nodes=graph.graph.number_of_nodes(), n_edges=graph.graph.number_of_edges())
+                       n_nodes=len(graph.nodes), n_edges=graph.n_edges)
         rows.append(row)
     index = {"settings": base.model_dump(mode="json"), "prompts": rows}
     write_text_atomic(out / INDEX_NAME, json.dumps(index, indent=1, sort_keys=True) + "\n")
