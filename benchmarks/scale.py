@@ -215,7 +215,8 @@ def plan_estimate(metadata) -> dict | None:
     plan = getattr(metadata, "plan", None)
     if plan is None:
         return None
-    return {"est_peak_gb": _gb(plan.peak_bytes), "est_s": round(plan.seconds, 2), "est_batch": plan.batch_size}
+    return {"est_peak_gb": _gb(plan.peak_bytes), "est_s": round(plan.seconds, 2), "est_batch": plan.batch_size,
+            "est_recompute_s": round(plan.recompute_seconds, 2)}
 
 
 def _gb(n: float) -> float:
@@ -253,7 +254,7 @@ def run_case(case: Case, data_dir: Path, device: str, device_map: str | None, pl
             out.update(tokens=plan.n_positions, active=plan.n_features, rows=plan.n_expanded + plan.n_logits,
                        plan_only_s=round(time.perf_counter() - start, 2), est_peak_gb=_gb(plan.peak_bytes),
                        est_s=round(plan.seconds, 2), est_batch=plan.batch_size, fits=plan.fits,
-                       storage=plan.storage)
+                       storage=plan.storage, est_recompute_s=round(plan.recompute_seconds, 2))
         else:
             graph = trace(lm, dicts, prompt, settings, dictionaries_source=str(path))
             trace_s = time.perf_counter() - start
@@ -289,6 +290,7 @@ COLUMNS = [  # (key, header, width)
     ("ms_per_row", "ms/row", 7), ("prune_s", "prune_s", 8),
     ("build_graph_s", "build_s", 8), ("write_graph_s", "write_s", 8), ("peak_rss_gb", "rss_GB", 7),
     ("peak_anon_gb", "anon_GB", 8), ("est_peak_gb", "est_GB", 7), ("est_s", "est_s", 7),
+    ("est_recompute_s", "est_rc_s", 8),
 ]
 
 

@@ -95,7 +95,8 @@ def trace(
         timings={k: round(v, 4) for k, v in result.timings.items()},
         plan=None if result.plan is None else PlanEstimate(
             peak_bytes=result.plan.peak_bytes, adjacency_bytes=result.plan.adjacency_bytes,
-            seconds=round(result.plan.seconds, 3), batch_size=result.plan.batch_size),
+            seconds=round(result.plan.seconds, 3), batch_size=result.plan.batch_size,
+            recompute_seconds=round(result.plan.recompute_seconds, 3)),
     )
     recompute = None
     if rounded:  # the kept edges' weights recomputed in float32 (circuits.engine.exact_edges)

@@ -129,7 +129,9 @@ def trace_command(prompt, model, dictionaries_path, selectors, out_dir, output, 
                + ", ".join(f"{name} {seconds:.1f} s" for name, seconds in phases.items()) + f"; {threads.describe()}")
     if meta.plan is not None:
         click.echo(f"plan       estimated peak {format_bytes(meta.plan.peak_bytes)}, "
-                   f"{meta.plan.seconds:.1f} s, batch size {meta.plan.batch_size}")
+                   f"{meta.plan.seconds:.1f} s, batch size {meta.plan.batch_size}"
+                   + (f", recompute at most {meta.plan.recompute_seconds:.1f} s" if meta.plan.recompute_seconds
+                      else ""))
 
 
 def _output_paths(out_dir: Path, output: str | None, svg_path: str | None, html_path: str | None,

@@ -288,3 +288,19 @@ def test_freed_heap_memory_goes_back_to_the_system():
     assert return_freed_memory()
     assert memory_held(cpu) - before < (grown - before) / 4, (before, grown, memory_held(cpu))
     assert len(keep) == 600
+
+
+def test_rounded_rows_plan_their_float32_recompute_at_the_float32_rate(tiny_lm, dicts, monkeypatch):
+    """Rows stored in bfloat16 are recomputed in float32 for the kept targets after pruning: the plan bounds that
+    time by every computed row again at the float32 rate (timed by a float32 probe), and says so; float32 rows
+    need no recompute."""
+    rates = {torch.float32: 1e-6, torch.bfloat16: 5e-6}
+    monkeypatch.setattr(attribution_module, "_calibrate",
+                        lambda prepared, batch, device, dtype: plan_module.Calibration(rates[dtype], 0.0))
+    exact = plan_attribution(tiny_lm, dicts, PROMPT, TraceSettings(adjacency="float32"))
+    rounded = plan_attribution(tiny_lm, dicts, PROMPT, TraceSettings(adjacency="bfloat16"))
+    assert exact.recompute_seconds == 0.0 and "recomputing" not in exact.describe()
+    assert exact.seconds > 0 and rounded.batch_size == exact.batch_size
+    assert rounded.seconds == pytest.approx(5 * exact.seconds, rel=1e-9)
+    assert rounded.recompute_seconds == pytest.approx(exact.seconds, rel=1e-9)
+    assert f"then up to {rounded.recompute_seconds:.0f} s recomputing the kept rows" in rounded.describe()

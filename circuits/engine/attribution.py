@@ -224,13 +224,21 @@ def _plan(lm: LoadedModel, prepared: _Prepared, settings: TraceSettings) -> Trac
     budgeted = settings.max_features is not None and settings.max_features < len(features)
     ranking = _direct_ranking(prepared) if budgeted else None
 
+    calibrations: dict[torch.dtype, Calibration] = {}
+
+    def calibrated(dtype: torch.dtype) -> Calibration:
+        if dtype not in calibrations:
+            calibrations[dtype] = _calibrate(prepared, probe_rows, device, dtype)
+        return calibrations[dtype]
+
     def plan_for(storage: str) -> TracePlan:
         dtype = torch.bfloat16 if storage == "bfloat16" else torch.float32
-        calibration = _calibrate(prepared, probe_rows, device, dtype)
+        # rounded rows: the kept ones are recomputed in float32 after pruning, so that rate is timed too
+        exact = calibrated(torch.float32) if storage == "bfloat16" else None
         return make_plan(prepared.layout, features.layer, features.position, len(prepared.logits.labels),
                          lm.d_model, n_heads * head_dim, settings.batch_size, settings.max_features, device,
-                         calibration, settings.memory_limit, storage=storage, keep_unpruned=settings.keep_unpruned,
-                         ranking=ranking)
+                         calibrated(dtype), settings.memory_limit, storage=storage,
+                         keep_unpruned=settings.keep_unpruned, ranking=ranking, exact_calibration=exact)
 
     plan = plan_for(settings.adjacency)
     if settings.adjacency == "auto" and (plan.storage == "bfloat16" or (

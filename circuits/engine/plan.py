@@ -25,7 +25,9 @@ not fit; a trace whose peak would not fit is refused with the estimate and the f
 Time is estimated from a probe: one batch of rows of the top layer's features, spread over the prompt, is computed
 (in the rows' precision) and timed; the cost of a row is taken as proportional to the layers it passes through
 times the positions its batch spans. Ranking sweeps of a budgeted run and pruning are estimated as passes over the
-adjacency at a measured memory bandwidth.
+adjacency at a measured memory bandwidth. Rows stored in bfloat16 are recomputed in float32 for the targets pruning
+keeps (exact_edges.py); that time is bounded apart (``recompute_seconds``) by every computed row at the rate of a
+float32 probe.
 """
 
 from __future__ import annotations
@@ -189,6 +191,7 @@ class TracePlan:
     seconds: float
     budget_hint: int | None  # the largest feature budget that fits, when the plan does not
     storage: str = "float32"  # the dtype rows are stored in (see circuits.engine.exact_edges)
+    recompute_seconds: float = 0.0  # at most this long recomputing the kept rows in float32 (rounded storage only)
 
     @property
     def peak_bytes(self) -> int:
@@ -210,7 +213,9 @@ class TracePlan:
             f"adjacency {format_bytes(self.adjacency_bytes)} + "
             f"max(batch {format_bytes(self.batch_bytes)}, pruning {format_bytes(self.pruning_bytes)})",
             f"may use         {format_bytes(self.available.bytes)} more ({self.available.source})",
-            f"time            about {self.seconds:.0f} s for attribution and pruning",
+            f"time            about {self.seconds:.0f} s for attribution and pruning" + (
+                f", then up to {self.recompute_seconds:.0f} s recomputing the kept rows in float32 (exact edges; "
+                "only the rows pruning keeps, often a third)" if self.recompute_seconds else ""),
         ])
 
     def refusal(self) -> str:
@@ -286,6 +291,7 @@ def make_plan(
     storage: Storage = "auto",
     keep_unpruned: bool = False,
     ranking: torch.Tensor | None = None,
+    exact_calibration: Calibration | None = None,
 ) -> TracePlan:
     """The plan for attributing ``layout``'s features (``feature_layers``, ``feature_positions`` [N] long) and
     ``n_logits`` logit rows.
@@ -293,7 +299,9 @@ def make_plan(
     ``head_width`` is heads x head_dim; ``budget`` the feature budget (None: every feature); ``max_batch`` the
     batch size asked for. ``storage``: the dtype of the rows; "auto" is float32 when it fits and bfloat16 when
     only that fits. ``ranking`` [N] (optional): feature ids by their direct influence on the logits, the order a
-    budget will roughly expand them in; the rows it counts are then the first ``budget`` of it."""
+    budget will roughly expand them in; the rows it counts are then the first ``budget`` of it.
+    ``exact_calibration``: float32 speeds, for the recompute of kept rows when they are stored in bfloat16 (its
+    bound: every computed row again at the float32 rate; pruning keeps fewer)."""
     n_features = len(feature_layers)
     n_expanded = n_features if budget is None else min(budget, n_features)
     P = int(layout.token_node.shape[0])
@@ -324,8 +332,10 @@ def make_plan(
                      batch)
     seconds = (work * calibration.seconds_per_row_layer_position
                + adjacency / element * _SWEEP_PASSES * calibration.seconds_per_element)
+    exact = exact_calibration or calibration
+    recompute = work * exact.seconds_per_row_layer_position if storage != "float32" else 0.0
     plan = TracePlan(P, len(layout.layer_end), n_features, n_expanded, n_logits, n_sources, batch, adjacency,
-                     batch * per_row, pruning, held, available, seconds, None, storage)
+                     batch * per_row, pruning, held, available, seconds, None, storage, recompute)
     if plan.fits:
         return plan
     low, high = 0, n_expanded  # the largest budget that fits

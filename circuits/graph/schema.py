@@ -100,7 +100,8 @@ class FeatureInfo(BaseModel):
 
 class PlanEstimate(BaseModel):
     """The trace's plan (see :mod:`circuits.engine.plan`): estimated peak memory (bytes) and time of attribution and
-    pruning (seconds), and the batch size it chose."""
+    pruning (seconds), the batch size it chose, and with rows stored in bfloat16 the most the float32 recompute of
+    the kept rows may take (seconds)."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -108,6 +109,7 @@ class PlanEstimate(BaseModel):
     adjacency_bytes: int
     seconds: float
     batch_size: int
+    recompute_seconds: float = 0.0
 
 
 class GraphMetadata(BaseModel):
