@@ -137,6 +137,35 @@ def test_resume_after_a_kill_equals_an_uninterrupted_run(tmp_path, uninterrupted
     assert _content(out) == _content(uninterrupted)
 
 
+def test_a_run_with_json_graphs_resumes_without_tracing_them_again(tmp_path, uninterrupted, tiny_checkpoint_dir,
+                                                                  dictionaries_dir, monkeypatch):
+    """A folder written before the compact file (graphs/ID.json): its done graphs are rewritten as .safetensors
+    and not traced again; one whose settings differ is traced; the result equals an uninterrupted run."""
+    import circuits.tracing
+
+    out = tmp_path / "out"
+    (out / "graphs").mkdir(parents=True)
+    for spec in PROMPTS[:4]:
+        name = spec.get("id", "prompt-0003")
+        AttributionGraph.load(uninterrupted / "graphs" / f"{name}.safetensors").save(out / "graphs" / f"{name}.json")
+    stale = AttributionGraph.load(out / "graphs" / "b2.json")  # same prompt, other settings: traced again
+    stale.metadata = stale.metadata.model_copy(update={"settings": stale.metadata.settings.model_copy(
+        update={"node_threshold": 0.5})})
+    stale.save(out / "graphs" / "b2.json")
+    real_trace = circuits.tracing.trace
+    traced = []
+
+    def counted(*args, **kwargs):
+        traced.append(args[2])
+        return real_trace(*args, **kwargs)
+
+    monkeypatch.setattr(circuits.tracing, "trace", counted)
+    result = _run(*_args(_write_prompts(tmp_path / "p.jsonl"), out, tiny_checkpoint_dir, dictionaries_dir))
+    assert result.exit_code == 0, (result.output, result.exception)
+    assert traced == [PROMPTS[3]["prompt"], PROMPTS[4]["prompt"]]
+    assert _content(out) == _content(uninterrupted)
+
+
 def test_a_failing_prompt_is_recorded_and_the_run_goes_on(tmp_path, tiny_checkpoint_dir, dictionaries_dir):
     prompts = _write_prompts(tmp_path / "p.jsonl", [PROMPTS[0], {"id": "bad", "prompt": "the cat", "position": 40},
                                                     PROMPTS[1]])

@@ -2,9 +2,11 @@
 
 Rank r of R traces the prompts i with i % R == r (deterministic, no scheduler); every graph is written atomically
 by :meth:`AttributionGraph.save`. A graph already in the folder is skipped when it loads and holds this prompt
-traced with these settings; a damaged or partial one is traced again. A prompt that fails is recorded (its
-error in ``OUT/failures-rank-R.json``, then in the index) and the run goes on. After a barrier, rank 0 writes
-``OUT/index.json`` from the graph files themselves, so the index is the same however the prompts were shared.
+traced with these settings; a damaged or partial one is traced again. A run from before the compact graph file
+(``graphs/ID.json``) resumes too: its done graphs are rewritten as ``ID.safetensors``, not traced again. A prompt
+that fails is recorded (its error in ``OUT/failures-rank-R.json``, then in the index) and the run goes on. After a
+barrier, rank 0 writes ``OUT/index.json`` from the graph files themselves, so the index is the same however the
+prompts were shared.
 """
 
 from __future__ import annotations
@@ -73,6 +75,10 @@ def trace_share(specs: list[PromptSpec], out: Path, base: TraceSettings, trace_o
         try:
             settings = prompt_settings(base, spec)
             if load_done_graph(path, spec, settings) is not None:
+                continue
+            legacy = load_done_graph(path.with_suffix(".json"), spec, settings)
+            if legacy is not None:  # an older run's JSON graph of this prompt: kept, in the compact file
+                legacy.save(path)
                 continue
             trace_one(spec.prompt, settings).save(path)
         except Exception as exc:  # noqa: BLE001  (recorded, reported at the end; the run goes on)
