@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -66,12 +66,19 @@ def write_text_atomic(path: str | Path, text: str) -> None:
 
 def write_bytes_atomic(path: str | Path, data: bytes) -> None:
     """Write ``data`` to ``path`` through a temporary file renamed into place."""
+    write_chunks_atomic(path, [data])
+
+
+def write_chunks_atomic(path: str | Path, chunks: Iterable[bytes]) -> None:
+    """Write ``chunks`` one after another to ``path`` through a temporary file renamed into place (a large file
+    made piece by piece, never whole in memory)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
+            for chunk in chunks:
+                fh.write(chunk)
         readable_by_others(tmp)
         os.replace(tmp, path)
     except BaseException:

@@ -14,7 +14,7 @@ from click.testing import CliRunner
 from test_trace_many import _args, _write_prompts
 
 from circuits.graph.attribution_graph import AttributionGraph
-from circuits.many.aggregate import EdgeTally, FeatureEdges, GraphFeatures
+from circuits.many.aggregate import EDGE_COLUMNS, EdgeTally, FeatureEdges, GraphFeatures, csv_text
 from circuits.many.compare import compare_groups, permutation_test
 from cli import main
 from dictionaries.assembly import random_dictionary_set
@@ -151,10 +151,13 @@ def test_edge_tally_equals_a_dict_count_however_often_it_merges(merge_at):
                                 FeatureEdges(sources, targets, weights)))
         for s, t, w in zip(sources, targets, weights, strict=True):
             expected.setdefault((keys[s], keys[t]), []).append(float(w))
-    rows = tally.rows(min_count=1)
+    rows = tally.table(min_count=1).rows()
     assert {(r["source"], r["target"]): r["n_graphs"] for r in rows} == {p: len(w) for p, w in expected.items()}
     for r in rows:
         ws = expected[(r["source"], r["target"])]
         assert r["mean_weight"] == pytest.approx(sum(ws) / len(ws), rel=1e-12, abs=1e-15)
-    assert len(tally.rows(min_count=2)) == sum(len(w) >= 2 for w in expected.values()) > 0
+    recurring = tally.table(min_count=2)
+    assert len(recurring) == sum(len(w) >= 2 for w in expected.values()) > 0
+    chunked = b"".join(recurring.csv_chunks(rows_per_chunk=3)).decode()  # written a few rows at a time
+    assert chunked == csv_text(recurring.rows(), EDGE_COLUMNS) and chunked.count("\n") == len(recurring) + 1
     assert rows == sorted(rows, key=lambda r: (-r["n_graphs"], -abs(r["mean_weight"]), r["source"], r["target"]))

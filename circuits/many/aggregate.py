@@ -17,13 +17,14 @@ import csv
 import io
 import json
 from collections import defaultdict
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from circuits.graph.attribution_graph import AttributionGraph
-from dictionaries.atomic_output import write_text_atomic
+from dictionaries.atomic_output import write_chunks_atomic, write_text_atomic
 
 from .runner import read_index
 
@@ -58,14 +59,23 @@ class GraphFeatures:
     edges: FeatureEdges = field(default_factory=FeatureEdges)
 
 
+def _group_sums(codes: np.ndarray, *values: np.ndarray) -> tuple[np.ndarray, ...]:
+    """Equal codes put together: (the distinct codes in increasing order, then each of ``values`` summed per code,
+    adding in the input's order). ``codes``, ``values``: (E,); results (U,). A stable sort, so sorted runs in
+    ``codes`` (a tally and the graphs being merged into it) are merged in near-linear time."""
+    order = np.argsort(codes, kind="stable")
+    ordered = codes[order]
+    starts = np.flatnonzero(np.concatenate([[True], ordered[1:] != ordered[:-1]])) if len(codes) else order
+    return (ordered[starts], *(np.add.reduceat(v[order], starts) if len(codes) else v[:0] for v in values))
+
+
 def _sum_pairs(sources: np.ndarray, targets: np.ndarray, weights: np.ndarray, n_keys: int,
                ) -> FeatureEdges:
     """Equal (source, target) pairs put together, in (source, target) order. ``sources``, ``targets``: (E,) ints
     below ``n_keys``; ``weights``: (E,)."""
     width = max(n_keys, 1)
-    unique, inverse = np.unique(sources.astype(np.int64) * width + targets, return_inverse=True)
-    sums = np.bincount(inverse, weights=weights.astype(np.float64), minlength=len(unique))
-    return FeatureEdges((unique // width).astype(np.int32), (unique % width).astype(np.int32), sums)
+    pairs, sums = _group_sums(sources.astype(np.int64) * width + targets, weights.astype(np.float64))
+    return FeatureEdges((pairs // width).astype(np.int32), (pairs % width).astype(np.int32), sums)
 
 
 def reduce_graph(graph: AttributionGraph, id: str, group: str | None) -> GraphFeatures:
@@ -133,17 +143,18 @@ def feature_rows(reduced: list[GraphFeatures]) -> list[dict]:
 
 class EdgeTally:
     """Feature -> feature pairs over many graphs: per pair the number of graphs and the sum of weights, kept as
-    sorted arrays and merged as graphs are added (pending arrays are folded in once they outgrow the tally, so
-    the work is O(P log P) over P pairs in all and memory stays near the distinct pairs, not the sum of the
-    graphs'). Feature keys are numbered in order of first appearance; a pair's code is
-    ``source number * 2**31 + target number``."""
+    sorted arrays and merged as graphs are added. Each graph's pairs are sorted when added; a merge sorts the
+    tally and the pending runs together with a stable sort that finds the runs (timsort), and pending graphs are
+    folded in once they outgrow the tally, so memory stays near the distinct pairs, not the sum of the graphs'.
+    Feature keys are numbered in order of first appearance; a pair's code is ``source number * 2**31 + target
+    number``. Sums add in graph order, as a loop over the graphs would."""
 
     SHIFT = 2**31
 
     def __init__(self, merge_at: int = 1 << 20) -> None:
         self.merge_at = merge_at  # pending pairs that trigger a merge at the least
         self.numbers: dict[str, int] = {}
-        self.codes = np.zeros(0, dtype=np.int64)  # (U,) sorted
+        self.codes = np.zeros(0, dtype=np.int64)  # (U,) sorted, distinct
         self.counts = np.zeros(0, dtype=np.int64)  # (U,)
         self.sums = np.zeros(0, dtype=np.float64)  # (U,)
         self._pending: list[tuple[np.ndarray, np.ndarray]] = []
@@ -154,7 +165,8 @@ class EdgeTally:
         if not len(graph.edges):
             return
         codes = numbers[graph.edges.sources] * self.SHIFT + numbers[graph.edges.targets]
-        self._pending.append((codes, graph.edges.weights))
+        order = np.argsort(codes, kind="stable")
+        self._pending.append((codes[order], graph.edges.weights[order]))
         self._pending_size += len(codes)
         if self._pending_size >= max(len(self.codes), self.merge_at):
             self._merge()
@@ -166,13 +178,11 @@ class EdgeTally:
         counts = np.concatenate([self.counts, *(np.ones(len(c), dtype=np.int64) for c, _ in self._pending)])
         sums = np.concatenate([self.sums, *(w for _, w in self._pending)])
         self._pending, self._pending_size = [], 0
-        self.codes, inverse = np.unique(codes, return_inverse=True)
-        self.counts = np.bincount(inverse, weights=counts, minlength=len(self.codes)).astype(np.int64)
-        self.sums = np.bincount(inverse, weights=sums, minlength=len(self.codes))
+        self.codes, self.counts, self.sums = _group_sums(codes, counts, sums)  # sums add in graph order
 
-    def rows(self, min_count: int = 2) -> list[dict]:
-        """Pairs found in at least ``min_count`` graphs (source, target, n_graphs, mean_weight), most graphs
-        first, then by |mean weight| descending, then by source and target key."""
+    def table(self, min_count: int = 2) -> RecurringEdges:
+        """Pairs found in at least ``min_count`` graphs, most graphs first, then by |mean weight| descending, then
+        by source and target key."""
         self._merge()
         keys = list(self.numbers)
         rank = np.empty(len(keys), dtype=np.int64)  # key number -> its place in string order
@@ -181,19 +191,51 @@ class EdgeTally:
         sources, targets = self.codes[chosen] // self.SHIFT, self.codes[chosen] % self.SHIFT
         counts, means = self.counts[chosen], self.sums[chosen] / self.counts[chosen]
         order = np.lexsort((rank[targets], rank[sources], -np.abs(means), -counts))
-        names = np.array(keys, dtype=object)
+        return RecurringEdges(np.array(keys, dtype=object), sources[order], targets[order], counts[order],
+                              means[order])
+
+
+@dataclass(frozen=True)
+class RecurringEdges:
+    """The recurring pairs in their table order: pair i runs from ``keys[sources[i]]`` to ``keys[targets[i]]``,
+    found in ``counts[i]`` graphs with mean weight ``means[i]``. ``keys``: (K,) feature keys; the rest (U,)."""
+
+    keys: np.ndarray
+    sources: np.ndarray
+    targets: np.ndarray
+    counts: np.ndarray
+    means: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.counts)
+
+    def rows(self, start: int = 0, stop: int | None = None) -> list[dict]:
+        """Rows ``start:stop`` as dicts: source, target, n_graphs, mean_weight."""
+        part = slice(start, stop)
         return [{"source": s, "target": t, "n_graphs": n, "mean_weight": w}
-                for s, t, n, w in zip(names[sources[order]].tolist(), names[targets[order]].tolist(),
-                                      counts[order].tolist(), means[order].tolist(), strict=True)]
+                for s, t, n, w in zip(self.keys[self.sources[part]].tolist(), self.keys[self.targets[part]].tolist(),
+                                      self.counts[part].tolist(), self.means[part].tolist(), strict=True)]
+
+    def csv_chunks(self, rows_per_chunk: int = 1 << 16) -> Iterator[bytes]:
+        """The table as CSV (``EDGE_COLUMNS``; the same text as :func:`csv_text` of :meth:`rows`), a chunk of rows
+        at a time from the arrays: millions of rows are never all Python objects at once."""
+        yield csv_text([], EDGE_COLUMNS).encode("utf-8")
+        for start in range(0, len(self), rows_per_chunk):
+            part = slice(start, start + rows_per_chunk)
+            buffer = io.StringIO()
+            csv.writer(buffer, lineterminator="\n").writerows(zip(
+                self.keys[self.sources[part]].tolist(), self.keys[self.targets[part]].tolist(),
+                self.counts[part].tolist(), map(repr, self.means[part].tolist()), strict=True))
+            yield buffer.getvalue().encode("utf-8")
 
 
 def edge_rows(reduced: list[GraphFeatures], min_count: int = 2) -> list[dict]:
     """Feature -> feature pairs found in at least ``min_count`` graphs: count and mean weight (see
-    :meth:`EdgeTally.rows` for the order)."""
+    :meth:`EdgeTally.table` for the order)."""
     tally = EdgeTally()
     for g in reduced:
         tally.add(g)
-    return tally.rows(min_count)
+    return tally.table(min_count).rows()
 
 
 def prompt_rows(index: dict) -> list[dict]:
@@ -209,12 +251,13 @@ def prompt_rows(index: dict) -> list[dict]:
     return rows
 
 
-def csv_text(rows: list[dict], columns: list[str]) -> str:
-    """``rows`` as CSV: a header, then each row's ``columns`` in order (floats as ``repr``, so they read back
-    exactly; a missing column is empty)."""
+def csv_text(rows: list[dict], columns: list[str], header: bool = True) -> str:
+    """``rows`` as CSV: a header (unless ``header`` is False), then each row's ``columns`` in order (floats as
+    ``repr``, so they read back exactly; a missing column is empty)."""
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(columns)
+    if header:
+        writer.writerow(columns)
     writer.writerows([repr(v) if isinstance(v := row.get(c, ""), float) else v for c in columns] for row in rows)
     return buffer.getvalue()
 
@@ -232,10 +275,13 @@ def aggregate(out: str | Path, top: int = 20, loaded: tuple[dict, list[GraphFeat
     out = Path(out)
     index, reduced = loaded or load_reduced(out)
     features = feature_rows(reduced)
-    edges = edge_rows(reduced)
+    tally = EdgeTally()
+    for g in reduced:
+        tally.add(g)
+    edges = tally.table()
     prompts = prompt_rows(index)
     write_text_atomic(out / "features.csv", csv_text(features, FEATURE_COLUMNS))
-    write_text_atomic(out / "edges.csv", csv_text(edges, EDGE_COLUMNS))
+    write_chunks_atomic(out / "edges.csv", edges.csv_chunks())
     write_text_atomic(out / "prompts.csv", csv_text(prompts, PROMPT_COLUMNS))
     by_group: dict[str, list[dict]] = defaultdict(list)
     for row in features:
@@ -248,7 +294,7 @@ def aggregate(out: str | Path, top: int = 20, loaded: tuple[dict, list[GraphFeat
                              for r in sorted(rows, key=lambda r: (-r["mean_influence"] * r["n_graphs"],
                                                                   r["feature_key"]))[:top]]
                          for g, rows in by_group.items()},
-        "top_edges": edges[:top],
+        "top_edges": edges.rows(0, top),
     }
     write_text_atomic(out / "summary.json", json.dumps(summary, indent=1, sort_keys=True) + "\n")
     return summary
