@@ -28,9 +28,11 @@ SHIPPED = Path(__file__).resolve().parents[1] / "tests" / "data" / "two_groups_p
 PREFIXES = ["", "Here is a simple fact. ", "Answer in one word, please. ", "Everyone at school knows this: "]
 
 
-def _rss_mb() -> float:
+def _status_mb(field: str) -> float:
+    """A /proc/self/status memory field in MB (VmRSS: all resident pages, the memory-mapped model's included;
+    RssAnon: the process's own memory, which is what must stay flat over a run)."""
     for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+        if line.startswith(f"{field}:"):
             return int(line.split()[1]) / 1024
     return float("nan")
 
@@ -107,7 +109,8 @@ def _run(count: int, out: Path) -> None:
                       labels=labels)
         single.append(graph.metadata.timings["total"])
         if len(single) % 10 == 0:
-            print(f"rss          after {len(single):3d} prompts: {_rss_mb():.0f} MB", flush=True)
+            print(f"rss          after {len(single):3d} prompts: {_status_mb('VmRSS'):.0f} MB, "
+                  f"anonymous {_status_mb('RssAnon'):.0f} MB", flush=True)
         return graph
 
     start = time.perf_counter()
