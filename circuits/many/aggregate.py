@@ -63,10 +63,12 @@ def _group_sums(codes: np.ndarray, *values: np.ndarray) -> tuple[np.ndarray, ...
     """Equal codes put together: (the distinct codes in increasing order, then each of ``values`` summed per code,
     adding in the input's order). ``codes``, ``values``: (E,); results (U,). A stable sort, so sorted runs in
     ``codes`` (a tally and the graphs being merged into it) are merged in near-linear time."""
+    if not len(codes):
+        return (codes, *values)
     order = np.argsort(codes, kind="stable")
     ordered = codes[order]
-    starts = np.flatnonzero(np.concatenate([[True], ordered[1:] != ordered[:-1]])) if len(codes) else order
-    return (ordered[starts], *(np.add.reduceat(v[order], starts) if len(codes) else v[:0] for v in values))
+    starts = np.flatnonzero(np.concatenate([[True], ordered[1:] != ordered[:-1]]))
+    return (ordered[starts], *(np.add.reduceat(v[order], starts) for v in values))
 
 
 def _sum_pairs(sources: np.ndarray, targets: np.ndarray, weights: np.ndarray, n_keys: int,
@@ -209,33 +211,35 @@ class RecurringEdges:
     def __len__(self) -> int:
         return len(self.counts)
 
+    def _columns(self, part: slice) -> tuple[list, list, list, list]:
+        """Rows ``part`` as Python lists: source keys, target keys, counts, mean weights."""
+        return (self.keys[self.sources[part]].tolist(), self.keys[self.targets[part]].tolist(),
+                self.counts[part].tolist(), self.means[part].tolist())
+
     def rows(self, start: int = 0, stop: int | None = None) -> list[dict]:
         """Rows ``start:stop`` as dicts: source, target, n_graphs, mean_weight."""
-        part = slice(start, stop)
         return [{"source": s, "target": t, "n_graphs": n, "mean_weight": w}
-                for s, t, n, w in zip(self.keys[self.sources[part]].tolist(), self.keys[self.targets[part]].tolist(),
-                                      self.counts[part].tolist(), self.means[part].tolist(), strict=True)]
+                for s, t, n, w in zip(*self._columns(slice(start, stop)), strict=True)]
 
     def csv_chunks(self, rows_per_chunk: int = 1 << 16) -> Iterator[bytes]:
         """The table as CSV (``EDGE_COLUMNS``; the same text as :func:`csv_text` of :meth:`rows`), a chunk of rows
         at a time from the arrays: millions of rows are never all Python objects at once."""
         yield csv_text([], EDGE_COLUMNS).encode("utf-8")
         for start in range(0, len(self), rows_per_chunk):
-            part = slice(start, start + rows_per_chunk)
+            sources, targets, counts, means = self._columns(slice(start, start + rows_per_chunk))
             buffer = io.StringIO()
-            csv.writer(buffer, lineterminator="\n").writerows(zip(
-                self.keys[self.sources[part]].tolist(), self.keys[self.targets[part]].tolist(),
-                self.counts[part].tolist(), map(repr, self.means[part].tolist()), strict=True))
+            csv.writer(buffer, lineterminator="\n").writerows(zip(sources, targets, counts, map(repr, means),
+                                                                  strict=True))
             yield buffer.getvalue().encode("utf-8")
 
 
-def edge_rows(reduced: list[GraphFeatures], min_count: int = 2) -> list[dict]:
+def recurring_edges(reduced: list[GraphFeatures], min_count: int = 2) -> RecurringEdges:
     """Feature -> feature pairs found in at least ``min_count`` graphs: count and mean weight (see
     :meth:`EdgeTally.table` for the order)."""
     tally = EdgeTally()
     for g in reduced:
         tally.add(g)
-    return tally.table(min_count).rows()
+    return tally.table(min_count)
 
 
 def prompt_rows(index: dict) -> list[dict]:
@@ -275,10 +279,7 @@ def aggregate(out: str | Path, top: int = 20, loaded: tuple[dict, list[GraphFeat
     out = Path(out)
     index, reduced = loaded or load_reduced(out)
     features = feature_rows(reduced)
-    tally = EdgeTally()
-    for g in reduced:
-        tally.add(g)
-    edges = tally.table()
+    edges = recurring_edges(reduced)
     prompts = prompt_rows(index)
     write_text_atomic(out / "features.csv", csv_text(features, FEATURE_COLUMNS))
     write_chunks_atomic(out / "edges.csv", edges.csv_chunks())
