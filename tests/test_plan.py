@@ -5,6 +5,7 @@ the plan and writes nothing."""
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -288,6 +289,59 @@ def test_freed_heap_memory_goes_back_to_the_system():
     assert return_freed_memory()
     assert memory_held(cpu) - before < (grown - before) / 4, (before, grown, memory_held(cpu))
     assert len(keep) == 600
+
+
+_CACHE_GROWTH = """
+import sys, ctypes, torch
+import circuits.engine  # what every trace imports first
+from circuits.engine.heap import return_freed_memory
+from circuits.engine.plan import memory_held
+cpu = torch.device("cpu")
+torch.bmm(torch.ones(1, 2, 3, dtype=torch.bfloat16), torch.ones(1, 3, 4, dtype=torch.bfloat16))
+return_freed_memory()
+before = memory_held(cpu)
+for n in range(64, 364):  # 300 shapes, as attribution's batches make
+    torch.bmm(torch.ones(4, 32, n, dtype=torch.bfloat16), torch.ones(4, n, 256, dtype=torch.bfloat16))
+return_freed_memory()
+print(memory_held(cpu) - before)
+"""
+
+
+def _bfloat16_matmul_growth(env: dict[str, str]) -> int:
+    """Bytes a fresh process still holds after 300 bfloat16 matmuls of distinct shapes (freed memory returned)."""
+    import subprocess
+    import sys
+
+    clean = {k: v for k, v in os.environ.items() if k not in {"ONEDNN_PRIMITIVE_CACHE_CAPACITY",
+                                                               "DNNL_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY"}}
+    done = subprocess.run([sys.executable, "-c", _CACHE_GROWTH], env={**clean, "OMP_NUM_THREADS": "1", **env},
+                          capture_output=True, text=True, check=True)
+    return int(done.stdout.split()[-1])
+
+
+def test_onednn_shape_caches_do_not_grow_a_trace():
+    """oneDNN keeps what it builds for every bfloat16 matmul shape (two caches of 1,024 entries); attribution's
+    shapes change every batch, so a 256-token trace held 1.4 GB the plan does not count (circuits.engine.heap).
+    circuits.engine turns the caches off on import: a process holds nothing more after 300 shapes; with the caches
+    at their defaults (set by the user, which is kept) it holds ~170 MB here."""
+    cached = _bfloat16_matmul_growth({"ONEDNN_PRIMITIVE_CACHE_CAPACITY": "1024", "LRU_CACHE_CAPACITY": "1024"})
+    if cached < 20 << 20:
+        pytest.skip(f"bfloat16 matmuls do not go through oneDNN's caches here (grew {cached:,} bytes)")
+    bounded = _bfloat16_matmul_growth({})
+    assert bounded < cached / 10, (bounded, cached)
+
+
+def test_onednn_cache_settings_of_the_user_are_kept(monkeypatch):
+    from circuits.engine.heap import ONEDNN_CACHE_VARIABLES, bound_onednn_caches
+
+    for name in [*ONEDNN_CACHE_VARIABLES, "DNNL_PRIMITIVE_CACHE_CAPACITY"]:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("DNNL_PRIMITIVE_CACHE_CAPACITY", "64")  # oneDNN's older spelling counts as set
+    assert bound_onednn_caches() == {"LRU_CACHE_CAPACITY": "1"}
+    assert "ONEDNN_PRIMITIVE_CACHE_CAPACITY" not in os.environ
+    monkeypatch.setenv("LRU_CACHE_CAPACITY", "16")
+    assert bound_onednn_caches() == {}
+    assert os.environ["LRU_CACHE_CAPACITY"] == "16"
 
 
 def test_rounded_rows_plan_their_float32_recompute_at_the_float32_rate(tiny_lm, dicts, monkeypatch):
