@@ -222,7 +222,7 @@ class TracePlan:
             f"may use         {format_bytes(self.available.bytes)} more ({self.available.source})",
             f"time            about {self.seconds:.0f} s for attribution and pruning" + (
                 f", then up to {self.recompute_seconds:.0f} s recomputing the kept rows in float32 (exact edges; "
-                "only the rows pruning keeps, often a third)" if self.recompute_seconds else ""),
+                "only the rows pruning keeps: 7-65% of this on the benchmarks)" if self.recompute_seconds else ""),
         ])
 
     def refusal(self) -> str:
