@@ -22,6 +22,7 @@ cycle through their documents again (another epoch) when a run needs more contex
 from __future__ import annotations
 
 import hashlib
+import inspect
 import itertools
 import json
 import re
@@ -235,14 +236,24 @@ def sample_from_model(lm: LoadedModel, n: int, length: int, seed: int) -> torch.
     banned = [t for t in (tokenizer.bos_token_id, tokenizer.pad_token_id) if t is not None]
     ids = torch.full((n, 1), tokenizer.bos_token_id, dtype=torch.long, device=lm.device)
     out = lm.model(input_ids=ids, use_cache=True, logits_to_keep=1)
+    cache_name = kv_cache_name(lm.model)
     for _ in range(length - 1):
         logits = out.logits[:, -1, :].float().cpu()
         logits[:, banned] = float("-inf")
         token = torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator).to(lm.device)
         ids = torch.cat([ids, token], dim=1)
         if ids.shape[1] < length:
-            out = lm.model(input_ids=token, past_key_values=out.past_key_values, use_cache=True, logits_to_keep=1)
+            out = lm.model(input_ids=token, **{cache_name: getattr(out, cache_name)}, use_cache=True, logits_to_keep=1)
     return ids.cpu()
+
+
+def kv_cache_name(model: torch.nn.Module) -> str:
+    """The name of the KV cache in ``model``'s forward arguments and outputs.
+
+    transformers 5.25 renamed ``past_key_values`` to ``cache`` (the old name warns, and goes in 5.40); the
+    package's pin spans both, so the name is read from the forward signature.
+    """
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 def open_context_source(spec: DataSpec, lm: LoadedModel, context_length: int, split: Split, seed: int) -> ContextSource:
