@@ -362,3 +362,28 @@ def test_rounded_rows_plan_their_float32_recompute_at_the_float32_rate(tiny_lm, 
     assert rounded.seconds == pytest.approx(5 * exact.seconds, rel=1e-9)
     assert rounded.recompute_seconds == pytest.approx(exact.seconds, rel=1e-9)
     assert f"then up to {rounded.recompute_seconds:.0f} s recomputing the kept rows" in rounded.describe()
+
+
+@pytest.mark.parametrize("first_run_s, runs", [(0.0, 3), (0.6, 1)])
+def test_a_short_timing_probe_is_repeated_and_its_fastest_run_kept(tiny_lm, dicts, monkeypatch, first_run_s, runs):
+    """A first run pays one-off costs: a short probe runs up to three times and the fastest counts; a probe
+    that took longer than half a second runs once."""
+    prepared = attribution_module.prepare_attribution(tiny_lm, dicts, PROMPT)
+    features = prepared.replacement.features
+    durations = iter([first_run_s + 0.03, 0.01, 0.02])
+    calls = []
+    clock = [0.0]
+
+    def timed_rows(ids, dtype):
+        calls.append(ids)
+        clock[0] += next(durations)
+
+    monkeypatch.setattr(prepared.rows, "feature_rows", timed_rows)
+    monkeypatch.setattr(attribution_module.time, "perf_counter", lambda: clock[0])
+    calibration = attribution_module._calibrate(prepared, 4, torch.device("cpu"), torch.float32)
+    assert len(calls) == runs and all(torch.equal(ids, calls[0]) for ids in calls)
+    top = int(features.layer.max())
+    assert len(calls[0]) == 4 and (features.layer[calls[0]] == top).all()
+    work = 4 * (top + 1) * (int(features.position[calls[0]].max()) + 1)  # rows x layers x positions spanned
+    fastest = 0.01 if runs == 3 else first_run_s + 0.03
+    assert calibration.seconds_per_row_layer_position == pytest.approx(fastest / work)

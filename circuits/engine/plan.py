@@ -23,11 +23,11 @@ memory), the cgroup limit, and ``TraceSettings.memory_limit``. The batch size sh
 not fit; a trace whose peak would not fit is refused with the estimate and the flags that would fix it.
 
 Time is estimated from a probe: one batch of rows of the top layer's features, spread over the prompt, is computed
-(in the rows' precision) and timed; the cost of a row is taken as proportional to the layers it passes through
-times the positions its batch spans. Ranking sweeps of a budgeted run and pruning are estimated as passes over the
-adjacency at a measured memory bandwidth. Rows stored in bfloat16 are recomputed in float32 for the targets pruning
-keeps (exact_edges.py); that time is bounded apart (``recompute_seconds``) by every computed row at the rate of a
-float32 probe.
+(in the rows' precision) and timed, a short probe at its fastest of up to three runs; the cost of a row is taken as
+proportional to the layers it passes through times the positions its batch spans. Ranking sweeps of a budgeted run
+and pruning are estimated as passes over the adjacency at a measured memory bandwidth. Rows stored in bfloat16 are
+recomputed in float32 for the targets pruning keeps (exact_edges.py); that time is bounded apart
+(``recompute_seconds``) by every computed row at the rate of a float32 probe.
 """
 
 from __future__ import annotations
