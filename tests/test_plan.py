@@ -33,7 +33,8 @@ def dicts(tiny_lm):
 
 def _room(monkeypatch, n_bytes: int) -> None:
     """Pretend the trace may allocate ``n_bytes`` more."""
-    monkeypatch.setattr(plan_module, "memory_available", lambda device, limit=None: MemoryAvailable(n_bytes, "test"))
+    monkeypatch.setattr(plan_module, "memory_available",
+                        lambda device, limit=None, held=None: MemoryAvailable(n_bytes, "test"))
 
 
 @pytest.mark.parametrize("text, expected", [("8GB", 8 << 30), ("512 MiB", 512 << 20), ("1.5g", 3 << 29),

@@ -113,9 +113,9 @@ def memory_held(device: torch.device) -> int:
     return _proc_field("/proc/self/status", "RssAnon") or 0
 
 
-def memory_available(device: torch.device, limit: int | None = None) -> MemoryAvailable:
+def memory_available(device: torch.device, limit: int | None = None, held: int | None = None) -> MemoryAvailable:
     """What a trace may still allocate on ``device``: see the module docstring. ``limit`` caps the trace's
-    whole footprint (what it holds now included)."""
+    whole footprint (what it holds now included); ``held``: :func:`memory_held`, when the caller has read it."""
     options: list[MemoryAvailable] = []
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
@@ -128,7 +128,8 @@ def memory_available(device: torch.device, limit: int | None = None) -> MemoryAv
         if room is not None:
             options.append(MemoryAvailable(room, "the cgroup's memory.max"))
     if limit is not None:
-        options.append(MemoryAvailable(max(limit - memory_held(device), 0), "--memory-limit"))
+        held = memory_held(device) if held is None else held
+        options.append(MemoryAvailable(max(limit - held, 0), "--memory-limit"))
     if not options:
         return MemoryAvailable(1 << 62, "unknown (no limit)")
     best = min(options, key=lambda m: m.bytes)
@@ -315,7 +316,7 @@ def make_plan(
     n_sources = layout.n_sources
     widths = _row_widths(layout, feature_layers)
     held = memory_held(device)
-    available = memory_available(device, memory_limit)
+    available = memory_available(device, memory_limit, held)
     per_row = (_GRADIENT_BUFFERS * P * max(d_model, head_width) + n_sources) * FLOAT
 
     def estimate(expanded: int, element: int) -> tuple[int, int, int]:
